@@ -1,0 +1,71 @@
+"""Helpers shared by every block, mixer and model: written once, here."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+def make_divisible(value: float, divisor: int = 1, min_value: int | None = None) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor`` (at least ``min_value``, default ``divisor``)."""
+    if divisor < 1:
+        raise ValueError(f'divisor must be >= 1, got {divisor}')
+    min_value = divisor if min_value is None else min_value
+    return max(min_value, int(value + divisor / 2) // divisor * divisor)
+
+
+def reduced_channels(
+        channels: int,
+        rd_ratio: float = 1 / 16,
+        rd_channels: int | None = None,
+        rd_divisor: int = 1,
+        min_channels: int = 1,
+) -> int:
+    """Width of a reduction bottleneck: ``rd_channels`` if given, else ``channels * rd_ratio`` rounded to
+    a multiple of ``rd_divisor`` (the rd_ratio / rd_channels / rd_divisor trio of timm)."""
+    if rd_channels is not None:
+        if rd_channels < 1:
+            raise ValueError(f'rd_channels must be >= 1, got {rd_channels}')
+        return int(rd_channels)
+    if not 0 < rd_ratio <= 1:
+        raise ValueError(f'rd_ratio must be in (0, 1], got {rd_ratio}')
+    return max(min_channels, make_divisible(channels * rd_ratio, rd_divisor))
+
+
+def check_channels(channels: int, name: str = 'channels') -> int:
+    """Validate a constructor's channel count."""
+    if isinstance(channels, bool) or not isinstance(channels, int):
+        raise TypeError(f'{name} must be an int, got {type(channels).__name__}')
+    if channels < 1:
+        raise ValueError(f'{name} must be >= 1, got {channels}')
+    return channels
+
+
+def check_nchw(x: Tensor, channels: int, block: str) -> None:
+    """Raise a ``ValueError`` naming ``block`` unless ``x`` is ``[B, channels, H, W]``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f'{block}: x must be a torch.Tensor, got {type(x).__name__}')
+    if x.dim() != 4:
+        raise ValueError(f'{block}: x must be [B, C, H, W] (4 dims), got shape {tuple(x.shape)}')
+    if x.shape[1] != channels:
+        raise ValueError(f'{block}: x has {x.shape[1]} channels, expected {channels} (shape {tuple(x.shape)})')
+
+
+def softmax_fp32(x: Tensor, dim: int) -> Tensor:
+    """Softmax computed in float32 (also under autocast) and returned in ``x``'s dtype."""
+    return torch.softmax(x.float(), dim=dim).to(x.dtype)
+
+
+def get_act(act_layer: type[nn.Module] | str | None, inplace: bool = False) -> nn.Module:
+    """An activation module from a class or a timm activation name; ``None`` gives ``nn.Identity``."""
+    if act_layer is None:
+        return nn.Identity()
+    if isinstance(act_layer, str):
+        from timm.layers import get_act_layer
+
+        act_layer = get_act_layer(act_layer)
+    try:
+        return act_layer(inplace=inplace)
+    except TypeError:
+        return act_layer()

@@ -1,0 +1,76 @@
+"""The ``visattn`` command: ``visattn list [--kind K] [--family F] [--markdown]``, ``visattn info NAME``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import registry
+
+
+def _model_params(name: str) -> int:
+    import timm
+
+    model = timm.create_model(name, device='meta')
+    return sum(p.numel() for p in model.parameters())
+
+
+def markdown_tables() -> str:
+    """The README tables of every registered block, mixer and model, generated from the registry."""
+    lines = ['| name | kind | family | complexity | paper | arXiv | year | backends |',
+             '|---|---|---|---|---|---|---|---|']
+    for kind, names in (('attn', registry.list_attn()), ('mixer', registry.list_mixers())):
+        for name in names:
+            i = registry.info(f'{kind}:{name}')
+            causal = ', causal' if i.supports_causal else ''
+            lines.append(
+                f'| `{name}` | {"2-D block" if kind == "attn" else "token mixer" + causal} | {i.family} | '
+                f'{i.complexity} | {i.paper} | [{i.arxiv}]({i.url}) | {i.year} | {", ".join(i.backends)} |')
+    lines += ['', '| timm model | parameters |', '|---|---:|']
+    lines += [f'| `{name}` | {_model_params(name):,} |' for name in registry.list_models()]
+    return '\n'.join(lines)
+
+
+def _format_info(i: registry.AttnInfo) -> str:
+    fields = [
+        ('name', i.name), ('kind', i.kind), ('class', i.cls_name), ('paper', i.paper), ('arXiv', f'{i.arxiv} ({i.url})'),
+        ('year', i.year), ('family', i.family), ('complexity', i.complexity), ('backends', ', '.join(i.backends)),
+    ]
+    if i.kind == 'mixer':
+        fields += [('supports_causal', i.supports_causal), ('requires_seq_len', i.requires_seq_len)]
+    return '\n'.join(f'{k:>16}: {v}' for k, v in fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='visattn', description=__doc__)
+    sub = parser.add_subparsers(dest='cmd', required=True)
+    p_list = sub.add_parser('list', help='list blocks, mixers or models')
+    p_list.add_argument('--kind', choices=('attn', 'mixer', 'model', 'all'), default='all')
+    p_list.add_argument('--family', default=None, help='only this family (blocks and mixers)')
+    p_list.add_argument('--markdown', action='store_true', help="print the README's tables")
+    p_info = sub.add_parser('info', help="a block's or mixer's paper and properties")
+    p_info.add_argument('name')
+    args = parser.parse_args(argv)
+
+    import visattn  # noqa: F401  (registers everything)
+
+    try:
+        if args.cmd == 'info':
+            print(_format_info(registry.info(args.name)))
+        elif args.markdown:
+            print(markdown_tables())
+        else:
+            if args.kind in ('attn', 'all'):
+                print('\n'.join(f'attn   {n}' for n in registry.list_attn(args.family)))
+            if args.kind in ('mixer', 'all') and (args.family is None or args.family in registry.list_families('mixer')):
+                print('\n'.join(f'mixer  {n}' for n in registry.list_mixers(family=args.family)))
+            if args.kind in ('model', 'all') and args.family is None:
+                print('\n'.join(f'model  {n}' for n in registry.list_models()))
+    except (KeyError, ValueError) as e:
+        print(f'visattn: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

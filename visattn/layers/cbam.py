@@ -1,0 +1,138 @@
+"""Convolutional Block Attention Module (CBAM).
+
+Paper: "CBAM: Convolutional Block Attention Module", Woo, Park, Lee, Kweon, ECCV 2018, arXiv:1807.06521
+(https://arxiv.org/abs/1807.06521).
+
+Channel attention first, ``Mc(F) = σ(MLP(AvgPool(F)) + MLP(MaxPool(F)))`` with one MLP (reduction r = 16,
+biases, ReLU) shared by the two pooled vectors; then spatial attention on the refined map,
+``Ms(F') = σ(BN(f7×7([AvgPool_c(F'); MaxPool_c(F')])))``: a 7×7 convolution (no bias, then batch norm, as
+the released code) over the channel-wise mean and max, in the paper's order [mean, max]. With r = 16 this
+gives CBAM-ResNet-50 its 28,089,624 parameters. Module names follow timm's ``CbamModule``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .._utils import check_channels, check_nchw, get_act, reduced_channels
+from ..registry import register
+
+
+class ChannelGate(nn.Module):
+    """CBAM's channel attention: a shared MLP over average- and max-pooled vectors, summed, then a gate.
+
+    Args:
+        channels: channels C.
+        rd_ratio, rd_channels, rd_divisor: the MLP's bottleneck width (default C/16).
+        bias: biases in the MLP (default True, as the paper's and the released code's ``nn.Linear``).
+        act_layer, gate_layer: hidden activation (ReLU) and gate (sigmoid).
+
+    Shapes:
+        x: [B, C, H, W] -> [B, C, H, W].
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            *,
+            rd_ratio: float = 1 / 16,
+            rd_channels: int | None = None,
+            rd_divisor: int = 1,
+            bias: bool = True,
+            act_layer: type[nn.Module] | str = nn.ReLU,
+            gate_layer: type[nn.Module] | str = nn.Sigmoid,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.rd_channels = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
+        self.fc1 = nn.Conv2d(channels, self.rd_channels, 1, bias=bias, **dd)
+        self.act = get_act(act_layer, inplace=True)
+        self.fc2 = nn.Conv2d(self.rd_channels, channels, 1, bias=bias, **dd)
+        self.gate = get_act(gate_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])  # [2B, C, 1, 1]
+        avg, mx = self.fc2(self.act(self.fc1(pooled))).chunk(2)
+        return x * self.gate(avg + mx)
+
+
+class SpatialGate(nn.Module):
+    """CBAM's spatial attention: a k×k conv (+ BN) over the channel-wise [mean, max], then a gate.
+
+    Shapes:
+        x: [B, C, H, W] -> [B, C, H, W].
+    """
+
+    def __init__(
+            self,
+            kernel_size: int = 7,
+            *,
+            gate_layer: type[nn.Module] | str = nn.Sigmoid,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f'kernel_size must be a positive odd int, got {kernel_size}')
+        dd = dict(device=device, dtype=dtype)
+        self.conv = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, **dd),
+            bn=nn.BatchNorm2d(1, **dd),
+        ))
+        self.gate = get_act(gate_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)  # [B, 2, H, W]
+        return x * self.gate(self.conv(pooled))
+
+
+@register(
+    'cbam', paper='CBAM: Convolutional Block Attention Module', arxiv='1807.06521', year=2018, family='spatial',
+    complexity='O(N·C)',
+)
+class Cbam(nn.Module):
+    """CBAM: channel gate, then spatial gate.
+
+    Args:
+        channels: input and output channels C.
+        rd_ratio, rd_channels, rd_divisor: width of the channel MLP (default C/16).
+        mlp_bias: biases in the channel MLP (default True).
+        spatial_kernel_size: size of the spatial convolution (default 7).
+        act_layer, gate_layer: hidden activation (ReLU) and gate (sigmoid).
+        device, dtype: factory arguments.
+
+    Shapes:
+        x: [B, C, H, W] -> [B, C, H, W].
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            *,
+            rd_ratio: float = 1 / 16,
+            rd_channels: int | None = None,
+            rd_divisor: int = 1,
+            mlp_bias: bool = True,
+            spatial_kernel_size: int = 7,
+            act_layer: type[nn.Module] | str = nn.ReLU,
+            gate_layer: type[nn.Module] | str = nn.Sigmoid,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.channels = check_channels(channels)
+        self.channel = ChannelGate(
+            channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor, bias=mlp_bias,
+            act_layer=act_layer, gate_layer=gate_layer, **dd)
+        self.spatial = SpatialGate(spatial_kernel_size, gate_layer=gate_layer, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_nchw(x, self.channels, type(self).__name__)
+        return self.spatial(self.channel(x))
