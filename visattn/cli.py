@@ -33,8 +33,8 @@ def markdown_tables() -> str:
 
 def _format_info(i: registry.AttnInfo) -> str:
     fields = [
-        ('name', i.name), ('kind', i.kind), ('class', i.cls_name), ('paper', i.paper), ('arXiv', f'{i.arxiv} ({i.url})'),
-        ('year', i.year), ('family', i.family), ('complexity', i.complexity), ('backends', ', '.join(i.backends)),
+        ('name', i.name), ('kind', i.kind), ('class', i.cls_name), ('paper', i.paper),
+        ('arXiv', f'{i.arxiv} ({i.url})'), ('year', i.year), ('family', i.family), ('complexity', i.complexity), ('backends', ', '.join(i.backends)),
     ]
     if i.kind == 'mixer':
         fields += [('supports_causal', i.supports_causal), ('requires_seq_len', i.requires_seq_len)]
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.kind in ('attn', 'all'):
                 print('\n'.join(f'attn   {n}' for n in registry.list_attn(args.family)))
-            if args.kind in ('mixer', 'all') and (args.family is None or args.family in registry.list_families('mixer')):
+            mixer_family = args.family is None or args.family in registry.list_families('mixer')
+            if args.kind in ('mixer', 'all') and mixer_family:
                 print('\n'.join(f'mixer  {n}' for n in registry.list_mixers(family=args.family)))
             if args.kind in ('model', 'all') and args.family is None:
                 print('\n'.join(f'model  {n}' for n in registry.list_models()))

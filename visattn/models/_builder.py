@@ -37,7 +37,8 @@ def build_checked(
     """
     if pretrained:
         cfg = resolve_pretrained_cfg(
-            variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+            variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
         if not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
             raise RuntimeError(
                 f"No pretrained weights are published for '{variant}' yet. Create it with pretrained=False, or "
