@@ -34,7 +34,8 @@ def markdown_tables() -> str:
 def _format_info(i: registry.AttnInfo) -> str:
     fields = [
         ('name', i.name), ('kind', i.kind), ('class', i.cls_name), ('paper', i.paper),
-        ('arXiv', f'{i.arxiv} ({i.url})'), ('year', i.year), ('family', i.family), ('complexity', i.complexity), ('backends', ', '.join(i.backends)),
+        ('arXiv', f'{i.arxiv} ({i.url})'), ('year', i.year), ('family', i.family), ('complexity', i.complexity),
+        ('backends', ', '.join(i.backends)),
     ]
     if i.kind == 'mixer':
         fields += [('supports_causal', i.supports_causal), ('requires_seq_len', i.requires_seq_len)]
