@@ -53,8 +53,10 @@ def check_nchw(x: Tensor, channels: int, block: str) -> None:
 
 
 def softmax_fp32(x: Tensor, dim: int) -> Tensor:
-    """Softmax computed in float32 (also under autocast) and returned in ``x``'s dtype."""
-    return torch.softmax(x.float(), dim=dim).to(x.dtype)
+    """Softmax computed in at least float32 (also under autocast) and returned in ``x``'s dtype."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.softmax(x, dim=dim, dtype=torch.float32).to(x.dtype)
+    return torch.softmax(x, dim=dim)
 
 
 def get_act(act_layer: type[nn.Module] | str | None, inplace: bool = False) -> nn.Module:
@@ -69,3 +71,10 @@ def get_act(act_layer: type[nn.Module] | str | None, inplace: bool = False) -> n
         return act_layer(inplace=inplace)
     except TypeError:
         return act_layer()
+
+
+def masked_softmax_fp32(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over ``dim`` in float32 of ``scores`` where ``mask`` is True; masked entries get 0 and a fully
+    masked row gives zeros (never NaN, also in the backward). Returns float32."""
+    scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+    return torch.softmax(scores, dim=dim) * mask
