@@ -59,6 +59,11 @@ def softmax_fp32(x: Tensor, dim: int) -> Tensor:
     return torch.softmax(x, dim=dim)
 
 
+def needs_grad(*tensors: Tensor) -> bool:
+    """True when autograd records an op on ``tensors``; in-place updates of intermediates are safe otherwise."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def get_act(act_layer: type[nn.Module] | str | None, inplace: bool = False) -> nn.Module:
     """An activation module from a class or a timm activation name; ``None`` gives ``nn.Identity``."""
     if act_layer is None:
@@ -74,7 +79,50 @@ def get_act(act_layer: type[nn.Module] | str | None, inplace: bool = False) -> n
 
 
 def masked_softmax_fp32(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
-    """Softmax over ``dim`` in float32 of ``scores`` where ``mask`` is True; masked entries get 0 and a fully
-    masked row gives zeros (never NaN, also in the backward). Returns float32."""
-    scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+    """Softmax over ``dim`` in at least float32 of ``scores`` where ``mask`` is True; masked entries get 0 and a
+    fully masked row gives zeros (never NaN, also in the backward). Returns float32 (float64 for float64)."""
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=dim) * mask
+
+
+def bind_defaults(cls: type, suffix: str, **defaults) -> type:
+    """A subclass of ``cls`` named ``cls.__name__ + suffix`` whose constructor takes ``defaults`` as default
+    keyword arguments: a class (not a ``functools.partial``), for factories that need one, e.g. timm's
+    ``attn_layer=`` (it calls ``issubclass``). The same arguments give the same class."""
+    key = (cls, suffix, tuple(sorted(defaults.items(), key=lambda kv: kv[0])))
+    if key not in _BOUND:
+        def __init__(self, *args, **kwargs):
+            cls.__init__(self, *args, **{**defaults, **kwargs})
+
+        _BOUND[key] = type(cls.__name__ + suffix, (cls,), {
+            '__init__': __init__, '__module__': cls.__module__, '__doc__': cls.__doc__, 'bound_defaults': defaults})
+    return _BOUND[key]
+
+
+_BOUND: dict[tuple, type] = {}
+
+
+def pad_to_multiple(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Zero-pad ``x`` [B, C, H, W] at the bottom/right to multiples of ``block``; also the [Hp, Wp] validity mask."""
+    H, W = x.shape[-2:]
+    ph, pw = -H % block, -W % block
+    valid = torch.ones(H, W, dtype=torch.bool, device=x.device)
+    if ph or pw:
+        x = nn.functional.pad(x, (0, pw, 0, ph))
+        valid = nn.functional.pad(valid, (0, pw, 0, ph), value=False)
+    return x, valid
+
+
+def to_blocks(t: Tensor, block: int, heads: int) -> Tensor:
+    """[B, heads·D, Hp, Wp] -> [B, heads, nH·nW, block², D] (non-overlapping blocks, row-major inside)."""
+    B, C, Hp, Wp = t.shape
+    t = t.view(B, heads, C // heads, Hp // block, block, Wp // block, block)
+    return t.permute(0, 1, 3, 5, 4, 6, 2).reshape(B, heads, -1, block * block, C // heads)
+
+
+def from_blocks(t: Tensor, block: int, Hp: int, Wp: int) -> Tensor:
+    """Inverse of `to_blocks`: [B, heads, nH·nW, block², D] -> [B, heads·D, Hp, Wp]."""
+    B, heads, _, _, D = t.shape
+    t = t.view(B, heads, Hp // block, Wp // block, block, block, D)
+    return t.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, heads * D, Hp, Wp)

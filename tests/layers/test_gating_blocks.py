@@ -309,3 +309,15 @@ def test_as_timm_attn_layer(name):
     model = timm.create_model('resnet18', num_classes=3, block_args=dict(attn_layer=visattn.get_attn(name)))
     assert sum(isinstance(m, visattn.get_attn(name)) for m in model.modules()) == 8
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+@pytest.mark.parametrize('name', GATING)
+def test_inference_path_matches_autograd_path(name):
+    """Blocks that update intermediates in place when autograd does not need them give the same values."""
+    m = _randomize(visattn.create_attn(name, 64)).eval()
+    x = torch.randn(2, 64, 7, 9)
+    x_before = x.clone()
+    with torch.inference_mode():
+        fast = m(x)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)  # the input is never overwritten
+    torch.testing.assert_close(fast, m(x.requires_grad_()).detach())

@@ -15,10 +15,11 @@ stages 1, 2 and 3, r = 16) its 25,915,099 parameters.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, get_act, reduced_channels
+from .._utils import check_channels, check_nchw, get_act, needs_grad, reduced_channels
 from ..registry import register
 
 
@@ -91,5 +92,7 @@ class BottleneckAttnModule(nn.Module):
                 f'of at least 2 in training mode, got shape {tuple(x.shape)}; use eval() for a single image')
         mc = self.channel_att(x.mean((2, 3), keepdim=True))  # [B, C, 1, 1]
         ms = self.spatial_att(x)  # [B, 1, H, W]
-        att = mc + ms if self.combine == 'sum' else mc * ms
-        return x * (1 + att.sigmoid())
+        att = mc + ms if self.combine == 'sum' else mc * ms  # [B, C, H, W]
+        if needs_grad(x, att):
+            return torch.addcmul(x, x, att.sigmoid())  # x * (1 + σ(att))
+        return att.sigmoid_().mul_(x).add_(x)

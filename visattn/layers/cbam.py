@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, get_act, reduced_channels
+from .._utils import check_channels, check_nchw, get_act, needs_grad, reduced_channels
 from ..registry import register
 
 
@@ -87,9 +87,11 @@ class SpatialGate(nn.Module):
         ))
         self.gate = get_act(gate_layer)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """``inplace=True`` lets the gate overwrite ``x`` when autograd does not need it (inference)."""
         pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)  # [B, 2, H, W]
-        return x * self.gate(self.conv(pooled))
+        gate = self.gate(self.conv(pooled))
+        return x.mul_(gate) if inplace and not needs_grad(x, gate) else x * gate
 
 
 @register(
@@ -135,4 +137,4 @@ class Cbam(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_nchw(x, self.channels, type(self).__name__)
-        return self.spatial(self.channel(x))
+        return self.spatial(self.channel(x), inplace=True)  # the channel gate's output is ours to overwrite
