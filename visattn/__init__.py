@@ -3,7 +3,7 @@
 ``import visattn`` registers every visattn model with timm, so ``timm.create_model('resnet50_cbam')`` works.
 """
 
-from . import layers, mixers, models
+from . import layers, mixers, models, ops
 from .registry import (
     AttnInfo,
     UnknownNameError,
@@ -24,4 +24,5 @@ __version__ = '0.1.0'
 __all__ = [
     'AttnInfo', 'UnknownNameError', 'create_attn', 'create_mixer', 'get_attn', 'get_mixer', 'info', 'layers',
     'list_attn', 'list_families', 'list_mixers', 'list_models', 'mixers', 'models', 'register',
+    'ops',
 ]

@@ -321,3 +321,25 @@ def test_inference_path_matches_autograd_path(name):
         fast = m(x)
     torch.testing.assert_close(x, x_before, rtol=0, atol=0)  # the input is never overwritten
     torch.testing.assert_close(fast, m(x.requires_grad_()).detach())
+
+
+@pytest.mark.parametrize('name', ['se', 'cbam'])
+def test_module_path_matches_fused_op_path(name):
+    """SE and CBAM's channel gate run through visattn.ops.channel_gate; their plain module path (taken for other
+    activations or gates) computes the same function."""
+    m = _randomize(visattn.create_attn(name, 64)).eval()
+    gate = m if name == 'se' else m.channel
+    x = torch.randn(2, 64, 7, 9)
+    fused = m(x)
+    gate.fused_act = None
+    torch.testing.assert_close(m(x), fused)
+
+
+def test_eca_with_another_gate():
+    m = _randomize(visattn.create_attn('eca', 64, gate_layer=torch.nn.Hardsigmoid)).eval()
+    x = torch.randn(2, 64, 7, 9)
+    with torch.no_grad():
+        m.conv.weight.mul_(1e-3)  # hard-sigmoid is linear near 0: 1/2 + t/6
+    y = m(x)
+    s = torch.nn.functional.conv1d(x.mean((2, 3)).unsqueeze(1), m.conv.weight, padding=m.kernel_size // 2)
+    torch.testing.assert_close(y, x * (0.5 + s.squeeze(1) / 6)[:, :, None, None])

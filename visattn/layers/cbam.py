@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, get_act, needs_grad, reduced_channels
+from .._utils import check_channels, check_nchw, fused_act_name, get_act, needs_grad, reduced_channels
+from ..ops import channel_gate
 from ..registry import register
 
 
@@ -55,8 +56,12 @@ class ChannelGate(nn.Module):
         self.act = get_act(act_layer, inplace=True)
         self.fc2 = nn.Conv2d(self.rd_channels, channels, 1, bias=bias, **dd)
         self.gate = get_act(gate_layer)
+        self.fused_act = fused_act_name(self.act, self.gate)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused_act is not None:  # the fused op: Triton on a GPU, the same math in PyTorch elsewhere
+            return channel_gate(
+                x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, pool='avgmax', act=self.fused_act)
         pooled = torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])  # [2B, C, 1, 1]
         avg, mx = self.fc2(self.act(self.fc1(pooled))).chunk(2)
         return x * self.gate(avg + mx)
@@ -96,7 +101,7 @@ class SpatialGate(nn.Module):
 
 @register(
     'cbam', paper='CBAM: Convolutional Block Attention Module', arxiv='1807.06521', year=2018, family='spatial',
-    complexity='O(N·C)',
+    complexity='O(N·C)', backends=('torch', 'triton'),
 )
 class Cbam(nn.Module):
     """CBAM: channel gate, then spatial gate.

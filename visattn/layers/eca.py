@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .._utils import check_channels, check_nchw, get_act
+from ..ops import eca_gate
 from ..registry import register
 
 
@@ -29,7 +30,7 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
 
 @register(
     'eca', paper='ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks', arxiv='1910.03151',
-    year=2020, family='channel', complexity='O(N·C)',
+    year=2020, family='channel', complexity='O(N·C)', backends=('torch', 'triton'),
 )
 class EfficientChannelAttn(nn.Module):
     """ECA block.
@@ -68,5 +69,7 @@ class EfficientChannelAttn(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_nchw(x, self.channels, type(self).__name__)
+        if isinstance(self.gate, nn.Sigmoid):  # the fused op: Triton on a GPU, the same math in PyTorch elsewhere
+            return eca_gate(x, self.conv.weight)
         s = self.conv(x.mean((2, 3)).unsqueeze(1))  # [B, 1, C]: channels as the sequence
         return x * self.gate(s).view(x.shape[0], -1, 1, 1)

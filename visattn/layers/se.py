@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, get_act, reduced_channels
+from .._utils import check_channels, check_nchw, fused_act_name, get_act, reduced_channels
+from ..ops import channel_gate
 from ..registry import register
 
 
 @register(
     'se', paper='Squeeze-and-Excitation Networks', arxiv='1709.01507', year=2017, family='channel',
-    complexity='O(N·C)',
+    complexity='O(N·C)', backends=('torch', 'triton'),
 )
 class SqueezeExcite(nn.Module):
     """Squeeze-and-Excitation block.
@@ -59,8 +60,11 @@ class SqueezeExcite(nn.Module):
         self.act = get_act(act_layer, inplace=True)
         self.fc2 = nn.Conv2d(self.rd_channels, channels, kernel_size=1, bias=bias, **dd)
         self.gate = get_act(gate_layer)
+        self.fused_act = fused_act_name(self.act, self.gate)
 
     def forward(self, x: Tensor) -> Tensor:
         check_nchw(x, self.channels, type(self).__name__)
+        if self.fused_act is not None:  # the fused op: Triton on a GPU, the same math in PyTorch elsewhere
+            return channel_gate(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, act=self.fused_act)
         s = x.mean((2, 3), keepdim=True)  # [B, C, 1, 1]
         return x * self.gate(self.fc2(self.act(self.fc1(s))))

@@ -1,0 +1,169 @@
+"""Triton path of ``local_attention_1d``.
+
+Undilated windows run on banded FlashAttention-style kernels: a block of ``BLOCK_M`` queries meets only the key
+tiles of its band, scores come from tensor-core products of q and k tiles, positions outside each query's
+window are masked, and the softmax is online (running maximum and sum in float32); the forward saves the
+log-sum-exp per query. The backward recomputes the probabilities: ``_local_bwd_dq_kernel`` walks the band of a
+query block for dq (and saves ``delta = rowsum(do·o)``), ``_local_bwd_dkdv_kernel`` walks the transposed band of
+a key block for dk and dv, without atomics. Dilated windows, whose band is mostly masked, use the gathered-key
+kernels of ``visattn.ops._window_triton``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._dispatch import bf16_via_fp32, tile_rows
+from .._triton_utils import softmax_finish, store_rows
+from .._window_triton import MODE_LOCAL1D, window_attention
+from .naive import window_offsets
+
+
+@triton.jit
+def _tile(ptr, base, rows, cols, n, d):
+    return tl.load(ptr + base + rows[:, None] * d + cols[None, :], mask=(rows[:, None] < n) & (cols[None, :] < d),
+                   other=0.0)
+
+
+@triton.jit
+def _band_tile(K, V, bh, rows, cols, N, DK, DV, LO, HI, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The k and v tiles of keys ``cols`` and which (query, key) pairs of the tile lie in the window."""
+    k = _tile(K, bh * N * DK, cols, tl.arange(0, BLOCK_DK), N, DK)
+    v = _tile(V, bh * N * DV, cols, tl.arange(0, BLOCK_DV), N, DV)
+    rel = cols[None, :] - rows[:, None]
+    return k, v, (rel >= LO) & (rel <= HI) & (cols[None, :] < N)
+
+
+@triton.jit
+def _local_fwd_kernel(
+        Q, K, V, Out, LSE, N, DK, DV, scale, LO, HI,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    m0 = tl.program_id(0) * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    q = _tile(Q, bh * N * DK, rows, dk, N, DK)
+    m = tl.full([BLOCK_M], float('-inf'), tl.float32)
+    s_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for n0 in range(tl.maximum(m0 + LO, 0), tl.minimum(m0 + BLOCK_M + HI, N), BLOCK_N):
+        k, v, inside = _band_tile(K, V, bh, rows, n0 + tl.arange(0, BLOCK_N), N, DK, DV, LO, HI, BLOCK_DK, BLOCK_DV)
+        s = tl.where(inside, tl.dot(q, tl.trans(k)).to(tl.float32) * scale, float('-inf'))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        s_sum = s_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m = m_new
+    out, lse = softmax_finish(acc, m, s_sum)
+    store_rows(Out, bh * N * DV, rows, dv, rows < N, DV, out)
+    tl.store(LSE + bh * N + rows, lse, mask=rows < N)
+
+
+@triton.jit
+def _local_bwd_dq_kernel(
+        Q, K, V, Out, DO, LSE, DELTA, DQ, N, DK, DV, scale, LO, HI,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    m0 = tl.program_id(0) * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    q = _tile(Q, bh * N * DK, rows, dk, N, DK)
+    do = _tile(DO, bh * N * DV, rows, dv, N, DV)
+    delta = tl.sum(do.to(tl.float32) * _tile(Out, bh * N * DV, rows, dv, N, DV).to(tl.float32), 1)
+    tl.store(DELTA + bh * N + rows, delta, mask=rows < N)
+    lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    for n0 in range(tl.maximum(m0 + LO, 0), tl.minimum(m0 + BLOCK_M + HI, N), BLOCK_N):
+        k, v, inside = _band_tile(K, V, bh, rows, n0 + tl.arange(0, BLOCK_N), N, DK, DV, LO, HI, BLOCK_DK, BLOCK_DV)
+        p = tl.where(inside, tl.exp(tl.dot(q, tl.trans(k)).to(tl.float32) * scale - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k).to(tl.float32)
+    store_rows(DQ, bh * N * DK, rows, dk, rows < N, DK, dq * scale)
+
+
+@triton.jit
+def _local_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DKg, DVg, N, DK, DV, scale, LO, HI,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # key block [n0, n0 + BLOCK_N) is seen by the queries i = j - rel, rel in [LO, HI]
+    bh = tl.program_id(1).to(tl.int64)
+    n0 = tl.program_id(0) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    k = _tile(K, bh * N * DK, cols, dk, N, DK)
+    v = _tile(V, bh * N * DV, cols, dv, N, DV)
+    dk_acc = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for m0 in range(tl.maximum(n0 - HI, 0), tl.minimum(n0 + BLOCK_N - LO, N), BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        q = _tile(Q, bh * N * DK, rows, dk, N, DK)
+        do = _tile(DO, bh * N * DV, rows, dv, N, DV)
+        lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=0.0)
+        delta = tl.load(DELTA + bh * N + rows, mask=rows < N, other=0.0)
+        rel = cols[:, None] - rows[None, :]  # [keys, queries]
+        inside = (rel >= LO) & (rel <= HI) & (rows[None, :] < N)
+        pt = tl.where(inside, tl.exp(tl.dot(k, tl.trans(q)).to(tl.float32) * scale - lse[None, :]), 0.0)
+        dv_acc += tl.dot(pt.to(do.dtype), do).to(tl.float32)
+        dst = pt * (tl.dot(v, tl.trans(do)).to(tl.float32) - delta[None, :])
+        dk_acc += tl.dot(dst.to(q.dtype), q).to(tl.float32)
+    store_rows(DKg, bh * N * DK, cols, dk, cols < N, DK, dk_acc * scale)
+    store_rows(DVg, bh * N * DV, cols, dv, cols < N, DV, dv_acc)
+
+
+BLOCK: int | None = None  # rows of the query and key tiles; None: ``tile_rows`` of the head sizes and dtype
+
+
+class LocalAttnFn(torch.autograd.Function):
+    """Undilated sliding-window attention on [B, H, N, D] (window ``[i + lo, i + hi]``); forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, scale: float) -> Tensor:
+        b, h, n, dk = q.shape
+        dv = v.shape[-1]
+        # [B, H, N, D] -> [B·H, N, D]
+        q, k, v = (t.contiguous().view(b * h, n, t.shape[-1]) for t in (q, k, v))
+        out = torch.empty_like(v)
+        lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
+        block_dk, block_dv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
+        block = BLOCK or tile_rows(block_dk, block_dv, q.element_size())
+        cfg = dict(N=n, DK=dk, DV=dv, scale=scale, LO=lo, HI=hi, BLOCK_M=block, BLOCK_N=block, BLOCK_DK=block_dk,
+                   BLOCK_DV=block_dv)
+        _local_fwd_kernel[(triton.cdiv(n, block), b * h)](Q=q, K=k, V=v, Out=out, LSE=lse, **cfg)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.cfg, ctx.shape = cfg, (b, h)
+        return out.view(b, h, n, dv)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        bh, n, dk = q.shape
+        dv = v.shape[-1]
+        do = grad.contiguous().view(bh, n, dv)
+        dq, dkg, dvg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = torch.empty_like(lse)
+        grid = (triton.cdiv(n, ctx.cfg['BLOCK_M']), bh)
+        _local_bwd_dq_kernel[grid](Q=q, K=k, V=v, Out=out, DO=do, LSE=lse, DELTA=delta, DQ=dq, **ctx.cfg)
+        _local_bwd_dkdv_kernel[grid](Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DKg=dkg, DVg=dvg, **ctx.cfg)
+        b, h = ctx.shape
+        return dq.view(b, h, n, dk), dkg.view(b, h, n, dk), dvg.view(b, h, n, dv), None, None, None
+
+
+@bf16_via_fp32
+def local_attention_1d_triton(q: Tensor, k: Tensor, v: Tensor, *, window: int, dilation: int, causal: bool,
+                              scale: float) -> Tensor:
+    """Sliding-window attention on [B, H, N, D] (arguments checked by ``local_attention_1d``)."""
+    if dilation > 1:
+        return window_attention(q, k, v, None, mode=MODE_LOCAL1D, window=window, dilation=dilation, causal=causal,
+                                nkeys=window, ws=1, scale=scale)
+    return LocalAttnFn.apply(q, k, v, *window_offsets(window, 1, causal), scale)
