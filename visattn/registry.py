@@ -117,9 +117,14 @@ def _lookup(name: str, kind: str) -> tuple[type[nn.Module], AttnInfo]:
 
 
 def get_attn(name: str | type[nn.Module]) -> type[nn.Module]:
-    """The class of the 2-D block ``name``; usable as timm's ``attn_layer=``."""
+    """The class of the 2-D block ``name``; usable as timm's ``attn_layer=``.
+
+    ``'mixer:<mixer name>'`` gives the token mixer ``<mixer name>`` wrapped as a 2-D block (``MixerAttn2d``).
+    """
     if isinstance(name, type) and issubclass(name, nn.Module):
         return name
+    if isinstance(name, str) and name.lower().startswith('mixer:'):  # any token mixer as a 2-D block
+        return _lookup('mixer', 'attn')[0].for_mixer(name.split(':', 1)[1])
     return _lookup(name, 'attn')[0]
 
 

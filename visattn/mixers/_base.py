@@ -12,7 +12,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+
+from .._utils import masked_softmax_fp32, softmax_fp32
 
 
 def normalize_mask(attn_mask: Tensor | None, batch: int, seq_len: int) -> tuple[Tensor | None, Tensor | None]:
@@ -41,6 +44,106 @@ def normalize_mask(attn_mask: Tensor | None, batch: int, seq_len: int) -> tuple[
     return None, attn_mask
 
 
+def combine_masks(
+        key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool, seq_len: int,
+        device: torch.device | None = None,
+) -> Tensor | None:
+    """One mask in SDPA's convention (bool True = attend, float = added to the scores), or None when none applies.
+
+    Args:
+        key_padding_mask: [B, N] bool, True = a real key.
+        attn_mask: bool or float, broadcastable to [B, H, N, N].
+        is_causal: also hide the keys after each query.
+        seq_len: N.
+        device: device of the causal mask (default: that of the other masks).
+
+    Returns:
+        A mask broadcastable to [B, H, N, N]: bool unless ``attn_mask`` is float.
+    """
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    if is_causal:
+        dev = device if device is not None else next((m.device for m in (mask, attn_mask) if m is not None), None)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev).tril()
+        mask = causal if mask is None else mask & causal
+    if attn_mask is None:
+        return mask
+    if mask is None:
+        return attn_mask
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & mask
+    return attn_mask.masked_fill(~mask, float('-inf'))
+
+
+def dead_rows(mask: Tensor) -> Tensor:
+    """Rows of a combined mask (see `combine_masks`) that hide every key: [..., N, 1] bool."""
+    if mask.dtype == torch.bool:
+        return ~mask.any(-1, keepdim=True)
+    return torch.isneginf(mask).all(-1, keepdim=True)
+
+
+def masked_softmax(
+        logits: Tensor, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+) -> Tensor:
+    """Softmax over the last dim of ``logits`` [B, H, N, M] in fp32, under the masks; a fully masked row gives zeros.
+
+    ``key_padding_mask`` is [B, M]; ``attn_mask`` broadcasts to [B, H, N, M] (SDPA's convention); ``is_causal``
+    hides key j > query i (N == M).
+    """
+    mask = combine_masks(key_padding_mask, attn_mask, is_causal, logits.shape[-1], logits.device)
+    if mask is None:
+        return softmax_fp32(logits, dim=-1)
+    if mask.dtype == torch.bool:
+        mask, logits = torch.broadcast_tensors(mask, logits)
+        return masked_softmax_fp32(logits, mask).to(logits.dtype)
+    logits = logits + mask
+    dead = torch.isneginf(logits).all(-1, keepdim=True)
+    return softmax_fp32(logits.masked_fill(dead, 0.), dim=-1).masked_fill(dead, 0.)
+
+
+def softmax_attention(
+        q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
+        is_causal: bool = False, dropout_p: float = 0., scale: float | None = None,
+) -> Tensor:
+    """``softmax(q kᵀ · scale + mask) v`` through ``scaled_dot_product_attention``; a fully masked row gives zeros.
+
+    Args:
+        q: [B, H, N, D]; k: [B, H, M, D]; v: [B, H, M, Dv].
+        key_padding_mask: [B, M] bool, True = a real key.
+        attn_mask: bool or float mask broadcastable to [B, H, N, M] (SDPA's convention).
+        is_causal: query i sees keys j <= i.
+        dropout_p: dropout on the attention weights.
+        scale: default D^-0.5.
+
+    Returns:
+        [B, H, N, Dv].
+    """
+    if key_padding_mask is None and attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    mask = combine_masks(key_padding_mask, attn_mask, is_causal, k.shape[-2], q.device)
+    dead = dead_rows(mask)
+    if mask.dtype == torch.bool:
+        mask = mask | dead
+    else:
+        mask = mask.masked_fill(dead, 0.).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.masked_fill(dead, 0.)
+
+
+def check_seq_len(seq_len: int | None, name: str = 'seq_len') -> int:
+    """Validate a mixer's fixed length argument (``seq_len=``): a positive int."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f'{name} must be a positive int (the fixed number of tokens N), got {seq_len!r}')
+    return seq_len
+
+
+def check_length(mixer: str, n: int, seq_len: int) -> None:
+    """Raise a ``ValueError`` when an input of ``n`` tokens is longer than the ``seq_len`` a mixer was built for."""
+    if n > seq_len:
+        raise ValueError(
+            f'{mixer} was built for seq_len={seq_len} tokens and cannot mix {n}; build it with seq_len>={n}')
+
+
 class TokenMixer(nn.Module):
     """Base class of the 1-D token mixers: ``[B, N, C] -> [B, N, C]``.
 
@@ -54,6 +157,8 @@ class TokenMixer(nn.Module):
         attn_drop: dropout on attention weights (for mixers that form weights) or on the mixed values.
         proj_drop: dropout after ``proj``.
         norm_layer: norm used by ``qk_norm`` / ``scale_norm``.
+        use_qkv: build the ``qkv`` projection (False for mixers that form no queries and keys).
+        use_proj: build the output projection ``proj`` (False for mixers without one, e.g. FNet).
         device, dtype: factory arguments.
 
     Class attributes a subclass sets:
@@ -79,6 +184,7 @@ class TokenMixer(nn.Module):
             norm_layer: type[nn.Module] | None = None,
             *,
             use_qkv: bool = True,
+            use_proj: bool = True,
             device=None,
             dtype=None,
     ) -> None:
@@ -101,7 +207,7 @@ class TokenMixer(nn.Module):
         self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd) if use_proj else nn.Identity()
         self.proj_drop = nn.Dropout(proj_drop)
 
     def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

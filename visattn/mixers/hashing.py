@@ -1,0 +1,161 @@
+"""Reformer's LSH attention.
+
+Paper: "Reformer: The Efficient Transformer", Kitaev, Kaiser, Levskaya, ICLR 2020, arXiv:2001.04451
+(https://arxiv.org/abs/2001.04451).
+
+Shared-QK attention: the keys are the unit-normalised queries (the ``k`` third of ``qkv`` is kept, so a
+pretrained ViT's weights load, but unused). Angular LSH hashes each key into one of ``n_buckets`` buckets,
+``h(x) = argmax([xR; -xR])`` with a random rotation R per hash round; tokens are sorted by (bucket, position),
+cut into chunks of ``bucket_size`` and each chunk attends to itself and the previous chunk. A token attends to
+itself only when it has nothing else to attend to (its score is set to ``-5e4``, the paper's rule). The
+``n_hashes`` rounds are combined by their log-sum-exp. Causal: the chunk is replaced by a look-back over the
+``bucket_size`` previous tokens of the same bucket in sorted order, so that what token t sees depends on
+tokens up to t only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import register
+from ._base import TokenMixer
+from ._sparse_utils import (
+    SeededMixin,
+    active_dropout,
+    attention_lse,
+    check_int,
+    gather_rows,
+    key_mask_of,
+    look_back,
+    merge_lse,
+    pad_to_multiple,
+    seeded_generator,
+    window_attention_lse,
+)
+
+__all__ = ['ReformerAttention']
+
+SELF_SCORE = -5e4
+
+
+@register(
+    'reformer', paper='Reformer: The Efficient Transformer', arxiv='2001.04451', year=2020, family='hashing',
+    complexity='O(N·log N)', kind='mixer', supports_causal=True,
+)
+class ReformerAttention(SeededMixin, TokenMixer):
+    """LSH attention with shared queries and keys.
+
+    Args:
+        dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
+            ``Attention`` (see `TokenMixer`).
+        bucket_size: chunk length (the paper: 64); also sets the default number of buckets.
+        n_hashes: hash rounds (the paper: 1 to 8; more rounds, closer to full attention).
+        n_buckets: buckets per round (default ``N / bucket_size`` rounded up to an even number; 1 = no hashing).
+        seed: seed of the random rotations (default None: drawn from torch's generator at construction, so every
+            layer differs; kept in the state dict, see `SeededMixin`).
+        rehash_each_forward: draw new rotations at every training forward (the paper); the default uses rotations
+            drawn from ``seed``, so that the module is a deterministic function.
+        device, dtype: factory arguments.
+
+    Shapes:
+        x: [B, N, C] -> [B, N, C]; ``attn_mask``: [B, N] bool key padding (True = real token).
+    """
+
+    supports_key_padding = True
+    supports_causal = True
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = False,
+            qk_norm: bool = False,
+            scale_norm: bool = False,
+            proj_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            norm_layer: type[nn.Module] | None = None,
+            *,
+            bucket_size: int = 64,
+            n_hashes: int = 4,
+            n_buckets: int | None = None,
+            seed: int | None = None,
+            rehash_each_forward: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__(
+            dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
+            device=device, dtype=dtype)
+        self.bucket_size = check_int(bucket_size, 'bucket_size')
+        self.n_hashes = check_int(n_hashes, 'n_hashes')
+        if n_buckets is not None:
+            check_int(n_buckets, 'n_buckets')
+            if n_buckets > 1 and n_buckets % 2:
+                raise ValueError(f'n_buckets must be 1 or even (angular LSH), got {n_buckets}')
+        self.n_buckets = n_buckets
+        self.init_seed(seed)
+        self.rehash_each_forward = rehash_each_forward
+
+    def buckets_for(self, seq_len: int) -> int:
+        """Buckets per hash round for a sequence of ``seq_len`` tokens."""
+        if self.n_buckets is not None:
+            return self.n_buckets
+        n = -(-seq_len // self.bucket_size)
+        return 1 if n <= 1 else n + n % 2
+
+    def hash(self, keys: Tensor) -> Tensor:
+        """Angular LSH of ``keys [B, H, N, D]`` -> bucket ids ``[B, H, n_hashes, N]``."""
+        B, H, N, D = keys.shape
+        nb = self.buckets_for(N)
+        if nb == 1:
+            return torch.zeros(B, H, self.n_hashes, N, dtype=torch.long, device=keys.device)
+        shape = (D, self.n_hashes, nb // 2)
+        if self.rehash_each_forward and self.training:
+            rot = torch.randn(shape, device=keys.device, dtype=keys.dtype)
+        else:
+            rot = torch.randn(shape, generator=seeded_generator(self.seed)).to(keys.device, keys.dtype)
+        proj = torch.einsum('bhnd,drk->bhrnk', keys, rot)  # argmax of [xR; -xR] without forming it
+        hi, lo = proj.max(dim=-1), proj.min(dim=-1)
+        return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + nb // 2)
+
+    def attend(
+            self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+            is_causal: bool,
+    ) -> Tensor:
+        B, H, N, D = q.shape
+        R, c = self.n_hashes, self.bucket_size
+        keys = F.normalize(q, dim=-1)
+        key_mask = key_mask_of(key_padding_mask, q).unsqueeze(2)  # [B, 1, 1, N]
+        # padded tokens go to a bucket of their own, sorted last: the real tokens' order does not depend on them
+        buckets = self.hash(keys.detach()).masked_fill(~key_mask, self.buckets_for(N))  # [B, H, R, N]
+        pos = torch.arange(N, device=q.device)
+        order = (buckets * N + pos).argsort(dim=-1)  # [B, H, R, N]: sorted by bucket, then position
+        qs, ks, vs = (gather_rows(t.unsqueeze(2), order) for t in (q, keys, v))  # [B, H, R, N, D]
+        kms = torch.gather(key_mask.expand(B, H, R, N), -1, order)
+        drop = active_dropout(self.attn_drop)
+        if is_causal:
+            out, lse = window_attention_lse(
+                qs, ks, vs, window=c, causal=True, key_mask=kms, scale=self.scale,
+                tags=torch.gather(buckets, -1, order), self_score=SELF_SCORE, drop=drop)
+        else:
+            nc = -(-N // c)
+
+            def chunk(t: Tensor) -> Tensor:  # [..., N, D] -> [..., nc, c, D]
+                return pad_to_multiple(t, c, -2).unflatten(-2, (nc, c))
+
+            ps = pad_to_multiple(order, c, -1, -1).unflatten(-1, (nc, c))
+            kpos = look_back(ps, -2)
+            mask = look_back(pad_to_multiple(kms, c, -1, False).unflatten(-1, (nc, c)), -2).unsqueeze(-2)
+            itself = ps.unsqueeze(-1) == kpos.unsqueeze(-2)  # [..., nc, c, 2c]
+            out, lse = attention_lse(
+                chunk(qs), look_back(chunk(ks), -3), look_back(chunk(vs), -3), mask, scale=self.scale,
+                fill=(itself, SELF_SCORE), drop=drop)
+            out, lse = out.flatten(-3, -2)[..., :N, :], lse.flatten(-2)[..., :N]
+        inv = order.argsort(dim=-1)
+        out = gather_rows(out, inv)
+        lse = torch.gather(lse, -1, inv)
+        return merge_lse([(out[:, :, r], lse[:, :, r]) for r in range(R)])
