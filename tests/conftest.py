@@ -1,9 +1,26 @@
 import os
 
-import pytest
-import torch
+# Triton kernels run in Triton's interpreter on the CPU; the flag must be set before any kernel is defined.
+os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+ONE_THREAD = ('tests/train/', 'tests/seg/', 'tests/test_detection.py')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _threads(request):
+    """Training loops, heads and detection run many tiny ops, which one thread runs fastest (and which a shared
+    machine runs without oversubscription); everything else keeps the default."""
+    before = torch.get_num_threads()
+    if any(part in request.node.path.as_posix() for part in ONE_THREAD):
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

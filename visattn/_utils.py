@@ -64,6 +64,13 @@ def needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def fused_act_name(act: nn.Module, gate: nn.Module) -> str | None:
+    """The ``visattn.ops.channel_gate`` name of a hidden activation when the gate is a sigmoid, else None."""
+    if not isinstance(gate, nn.Sigmoid):
+        return None
+    return {nn.ReLU: 'relu', nn.SiLU: 'silu', nn.GELU: 'gelu'}.get(type(act))
+
+
 def get_act(act_layer: type[nn.Module] | str | None, inplace: bool = False) -> nn.Module:
     """An activation module from a class or a timm activation name; ``None`` gives ``nn.Identity``."""
     if act_layer is None:
@@ -126,3 +133,35 @@ def from_blocks(t: Tensor, block: int, Hp: int, Wp: int) -> Tensor:
     B, heads, _, _, D = t.shape
     t = t.view(B, heads, Hp // block, Wp // block, block, block, D)
     return t.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, heads * D, Hp, Wp)
+
+
+class QueryKeyValue2d(nn.Module):
+    """Base of the 2-D blocks with 1×1-conv ``query`` and ``key`` (to ``rd_channels``), ``value`` (to ``channels``)
+    and a learnable residual weight ``gamma`` that starts at 0 (CCNet's criss-cross and DANet's position attention).
+
+    Subclasses define the residual term ``attend(x) = γ · attention(x)``; ``forward`` returns ``x + attend(x)``.
+    """
+
+    def __init__(self, channels: int, rd_channels: int, device=None, dtype=None) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.channels = check_channels(channels)
+        self.rd_channels = rd_channels
+        self.query = nn.Conv2d(channels, rd_channels, 1, **dd)
+        self.key = nn.Conv2d(channels, rd_channels, 1, **dd)
+        self.value = nn.Conv2d(channels, channels, 1, **dd)
+        self.gamma = nn.Parameter(torch.zeros(1, **dd))
+
+    def reset_parameters(self) -> None:
+        """Default conv initialisation; γ = 0, so that the block starts as the identity."""
+        for conv in (self.query, self.key, self.value):
+            conv.reset_parameters()
+        nn.init.zeros_(self.gamma)
+
+    def attend(self, x: Tensor) -> Tensor:
+        """The residual term ``γ · attention(x)``: [B, C, H, W]."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_nchw(x, self.channels, type(self).__name__)
+        return x + self.attend(x)

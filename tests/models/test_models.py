@@ -15,7 +15,7 @@ MODELS = visattn.list_models()
 
 
 def _small_kwargs(name: str) -> dict:
-    return dict(img_size=64) if name.startswith('vit') else {}
+    return dict(img_size=64, depth=3) if name.startswith('vit') else {}
 
 
 @pytest.fixture(scope='module')
