@@ -18,7 +18,9 @@ output terms (``Σ a v`` and ``Σ a r^v``) are batch-normalised separately befor
 width layer, as Axial-DeepLab downsamples.
 
 ``span=None`` attends along the whole axis (any length); relative offsets up to ``feat_size - 1`` get their own
-embeddings and farther ones share the outermost. ``span=m`` (odd) restricts each query to the m positions
+embeddings and farther ones share the outermost (Axial-DeepLab's TensorFlow implementation, DeepLab2, keeps
+``feat_size = 255`` in every layer, as visattn's ``axial_resnet50`` does; its PyTorch re-implementation sizes each
+layer to its feature map). ``span=m`` (odd) restricts each query to the m positions
 centred on it (memory O(N·m) per axis); keys outside the image are zero-padded and masked out of the softmax.
 """
 

@@ -7,13 +7,20 @@
   ``stem='conv'`` gives the paper's conv-stem variant (the ResNet 7×7 conv stem). Depths [1, 2, 4, 1],
   [2, 3, 5, 2], [3, 4, 6, 3].
 - ``axial_resnet50``: the full axial-attention ResNet-50 of Axial-DeepLab (arXiv:2003.07853): bottlenecks of
-  width ratio 0.5 and expansion 2 (as the paper's Axial-ResNet-S and its released code) whose spatial conv is a
-  height + width axial-attention pair (8 heads, global along each axis). Its stem replaces the 7×7 conv by an
-  axial-attention pair of span 15 with stride 2 (followed by ReLU and the 3×3 max pool); this stem layer is
-  visattn's choice, not a layer-by-layer copy of the paper's.
-  ``axial_resnet50_convstem``: the same with the ResNet conv stem (64 channels; the released code uses 32).
-  Relative embeddings cover the feature sizes of a 224² input (56, 28, 14, 7), as the released code's; other
-  input sizes work (farther offsets share the outermost embeddings).
+  width ratio 0.5 and expansion 2 (the paper's Axial-ResNet-S) whose spatial conv is a height + width
+  axial-attention pair (8 heads, global along each axis). Its stem replaces the 7×7 conv by an axial-attention
+  pair of span 15 with stride 2 (followed by ReLU and the 3×3 max pool); this stem layer is visattn's choice,
+  not a layer-by-layer copy of the paper's.
+  ``axial_resnet50_convstem``: the same with the ResNet conv stem (64 channels, as DeepLab2's ``axial_resnet_s``;
+  the PyTorch code of csrhddlam/axial-deeplab uses 32).
+  Each global axial layer stores relative embeddings for offsets up to ``rel_span - 1`` = 254 (a table of
+  2·255 - 1 = 509 positions per channel), as Axial-DeepLab's TensorFlow implementation (DeepLab2, ``MAX_SPAN =
+  255``); farther offsets share the outermost embeddings. At 224² only the offsets of the feature size are
+  used (56, 28, 14, 7). This table size is what gives the paper's parameter counts: DeepLab2's ``axial_resnet_s``
+  backbone has 11,466,912 parameters, 12.49M with the 1024→1000 classifier (paper: 12.5M), and
+  ``axial_resnet50_convstem(num_classes=0)`` has exactly as many. ``rel_span='feature'`` sizes the tables to
+  each block's feature size at ``img_size`` instead (2·56 - 1, ..., 2·7 - 1 positions), as
+  csrhddlam/axial-deeplab's ``axial50s``: 0.89M fewer parameters (11.6M), the same function at 224².
 - ``halonet_h0``, ``halonet_h2``, ``halonet_h3``, ``halonet_h4``: HaloNets of "Scaling Local Self-Attention
   for Parameter Efficient Visual Backbones" (arXiv:2103.12731), on timm's ByobNet with visattn's `HaloAttn`
   (any input size). From the paper's table: block b, halo h, value multiplier rv (attention width
@@ -107,7 +114,10 @@ class LocalAttnResNet(AttnResNet):
         block, layers: bottleneck class and stage depths.
         stem: ``'conv'`` (ResNet 7×7 conv stem), ``'sasa'`` (SASA attention stem + BN + 4×4 max pool) or
             ``'axial'`` (axial-attention pair with span 15 and stride 2, then ReLU and the 3×3 max pool).
-        img_size: the input size the axial relative embeddings are sized for (default 224).
+        rel_span: global axial layers get relative embeddings for offsets up to ``rel_span - 1`` (default 255, as
+            Axial-DeepLab's TensorFlow implementation); ``'feature'`` sizes them to each block's feature size at
+            ``img_size``.
+        img_size: with ``rel_span='feature'``, the input size the relative embeddings are sized for (default 224).
         **kwargs: timm ``ResNet`` arguments (``num_classes``, ``stem_width``, ``channels``, ``block_args``, ...).
     """
 
@@ -117,6 +127,7 @@ class LocalAttnResNet(AttnResNet):
             layers: tuple[int, ...],
             *,
             stem: str = 'conv',
+            rel_span: int | str = 255,
             img_size: int = 224,
             **kwargs: Any,
     ) -> None:
@@ -124,6 +135,8 @@ class LocalAttnResNet(AttnResNet):
             raise ValueError(f"stem must be 'conv', 'sasa' or 'axial', got {stem!r}")
         if kwargs.get('output_stride', 32) != 32:
             raise ValueError(f"output_stride must be 32 for local-attention ResNets, got {kwargs['output_stride']}")
+        if rel_span != 'feature' and (isinstance(rel_span, bool) or not isinstance(rel_span, int) or rel_span < 1):
+            raise ValueError(f"rel_span must be a positive int or 'feature', got {rel_span!r}")
         super().__init__(block, layers, **kwargs)
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
         in_chans, width = self.conv1.in_channels, self.conv1.out_channels
@@ -135,19 +148,19 @@ class LocalAttnResNet(AttnResNet):
         elif stem == 'axial':
             self.conv1 = AxialAttn(in_chans, width, span=15, stride=2, **dd)
             self.bn1 = nn.Identity()
-        self._size_axial_embeddings(img_size, dd)
+        self._size_axial_embeddings(rel_span, img_size, dd)
 
-    def _size_axial_embeddings(self, img_size: int, dd: dict) -> None:
-        """Give each global axial block relative embeddings for its feature size at ``img_size`` (as the released
-        Axial-DeepLab code sizes them: 56 / 56→28 / 28→14 / 14→7 at 224²)."""
+    def _size_axial_embeddings(self, rel_span: int | str, img_size: int, dd: dict) -> None:
+        """Give each global axial block relative embeddings for offsets up to ``rel_span - 1``, or with
+        ``rel_span='feature'`` for its feature size at ``img_size`` (56 / 56→28 / 28→14 / 14→7 at 224²)."""
         size = math.ceil(img_size / 4)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for blk in stage:
                 attn = blk.conv2
                 if isinstance(attn, AxialAttn) and attn.height.span is None:
                     blk.conv2 = AxialAttn(
-                        attn.channels, attn.out_channels, num_heads=attn.height.num_heads, feat_size=size,
-                        stride=attn.stride, **dd)
+                        attn.channels, attn.out_channels, num_heads=attn.height.num_heads,
+                        feat_size=size if rel_span == 'feature' else rel_span, stride=attn.stride, **dd)
                 size = math.ceil(size / getattr(attn, 'stride', 1))
 
 
