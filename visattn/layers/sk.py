@@ -12,7 +12,6 @@ convolution of a bottleneck and takes its ``stride``.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -98,7 +97,11 @@ class SelectiveKernel(nn.Module):
             raise ValueError(
                 f'{type(self).__name__}: the fuse layer normalises over the batch (BatchNorm) and needs a batch of '
                 f'at least 2 in training mode, got shape {tuple(x.shape)}; use eval() for a single image')
-        u = torch.stack([branch(x) for branch in self.branches], dim=1)  # [B, M, C, H, W]
-        z = self.act(self.bn(self.fc_reduce(u.sum(1).mean((2, 3), keepdim=True))))  # [B, d, 1, 1]
-        a = self.fc_select(z).view(x.shape[0], self.num_branches, self.out_channels, 1, 1)
-        return (u * softmax_fp32(a, dim=1)).sum(1)
+        u = [branch(x) for branch in self.branches]  # M × [B, C, H', W']
+        s = sum(f.mean((2, 3), keepdim=True) for f in u)  # GAP(Σ U_m) = Σ GAP(U_m): no full-size sum
+        z = self.act(self.bn(self.fc_reduce(s)))  # [B, d, 1, 1]
+        a = softmax_fp32(self.fc_select(z).view(x.shape[0], self.num_branches, self.out_channels, 1, 1), dim=1)
+        out = u[0] * a[:, 0]
+        for m in range(1, self.num_branches):
+            out = out.addcmul_(u[m], a[:, m])  # V = Σ a_m U_m, accumulated in place
+        return out
