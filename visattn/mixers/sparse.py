@@ -10,9 +10,9 @@ Papers:
       arXiv:1904.10509 (https://arxiv.org/abs/1904.10509): ``sparse_strided`` and ``sparse_fixed``.
 
 None of them forms an ``N x N`` matrix: the window is computed block by block against a band of keys,
-BigBird gathers whole key blocks, the strided pattern works on residue classes and the fixed one on blocks
-plus the gathered summary columns. Each piece keeps its log-sum-exp, so the union of the pieces is one
-exact softmax (`merge_lse`).
+BigBird takes its window blocks as shifted block diagonals and gathers only its random blocks, the strided
+pattern works on residue classes and the fixed one on blocks plus the gathered summary columns. Each piece
+keeps its log-sum-exp (BigBird: its row maximum), so the union of the pieces is one exact softmax.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import local_attention_1d
 from ..registry import register
 from ._base import TokenMixer
 from ._sparse_utils import (
+    MASKED,
     SeededMixin,
     active_dropout,
     attention_lse,
@@ -325,25 +327,100 @@ class BigBirdAttention(SeededMixin, TokenMixer):
             self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
             is_causal: bool,
     ) -> Tensor:
-        B, H, N, D = q.shape
-        b = self.block_size
+        N, b = q.shape[-2], self.block_size
         nb = -(-N // b)
-        key_blocks, valid = (t.to(q.device) for t in self.block_layout(nb)[:2])
+        key_blocks, valid, glob = self.block_layout(nb)
+        # the global blocks are the first ``lo`` and the last ``nb - hi`` blocks: blocks lo..hi-1 are the others
+        lo = min(math.ceil(self.num_global_blocks / 2), nb)
+        hi = max(lo, nb - self.num_global_blocks + lo)
         drop = active_dropout(self.attn_drop)
-        key_mask = pad_to_multiple(key_mask_of(key_padding_mask, q), b, -1, False)  # [B, 1, Np]
-        qb, kb, vb = (pad_to_multiple(t, b, -2).unflatten(-2, (nb, b)) for t in (q, k, v))  # [B, H, nb, b, D]
-        heads = torch.arange(H, device=q.device)[:, None, None]
-        kg = kb[:, heads, key_blocks].flatten(-3, -2)  # [B, H, nb, K·b, D]
-        vg = vb[:, heads, key_blocks].flatten(-3, -2)
-        mask = key_mask.unflatten(-1, (nb, b))[:, 0][:, key_blocks] & valid[..., None]  # [B, H, nb, K, b]
-        out = attention_lse(qb, kg, vg, mask.flatten(-2).unsqueeze(-2), scale=self.scale, drop=drop)[0]
-        out = out.flatten(2, 3)[:, :, :N]
-        rows = (self.block_layout(nb)[2][:, None] * b + torch.arange(b)).flatten()  # on the CPU: any device works
+        key_mask = None if key_padding_mask is None else key_mask_of(key_padding_mask, q)  # [B, 1, N]
+        rows = (glob[:, None] * b + torch.arange(b)).flatten()  # on the CPU: any device works
         rows = rows[rows < N].to(q.device)
-        if len(rows):
-            full = attention_lse(q[:, :, rows], k, v, key_mask[..., :N].unsqueeze(-2), scale=self.scale, drop=drop)
-            out = out.index_copy(2, rows, full[0])
-        return out
+        full = q.new_zeros(*q.shape[:2], 0, q.shape[-1])
+        if len(rows):  # the global blocks see every token
+            full = attention_lse(q[:, :, rows], k, v, None if key_mask is None else key_mask.unsqueeze(-2),
+                                 scale=self.scale, drop=drop)[0]
+        if hi == lo:
+            return full
+        start = self.num_window_blocks + len(glob)  # the random blocks follow the window and global ones
+        rnd, rnd_ok = key_blocks[:, lo:hi, start:].to(q.device), valid[:, lo:hi, start:].to(q.device)
+        # one head at a time: the score pieces of a head are small enough to stay in cache between passes
+        mid = torch.cat([
+            self._sparse_rows(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], key_mask, lo, hi, rows, rnd[h:h + 1],
+                              rnd_ok[h:h + 1], drop)
+            for h in range(q.shape[1])], dim=1)
+        return torch.cat([full[:, :, :lo * b], mid, full[:, :, lo * b:]], dim=2)[:, :, :N]
+
+    def _sparse_rows(
+            self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, lo: int, hi: int, cols: Tensor,
+            rnd: Tensor, rnd_ok: Tensor, drop: nn.Module | None,
+    ) -> Tensor:
+        """Attention of the non-global query blocks ``lo .. hi - 1`` over their window, global and random blocks.
+
+        The window is one block diagonal per offset (query block i against key block i + d, the shifted block
+        view of the keys), the global tokens ``cols`` are one matmul shared by every query, and only the random
+        blocks are gathered. The pieces share one softmax: a common row maximum and one normaliser.
+
+        Returns:
+            [B, H, (hi - lo)·b, D].
+        """
+        B, H, N, D = q.shape
+        b, half, m = self.block_size, self.num_window_blocks // 2, hi - lo
+        nb = -(-N // b)
+        q, k, v = (pad_to_multiple(t, b, -2).unflatten(-2, (nb, b)) for t in (q, k, v))  # [B, H, nb, b, D]
+        qm = (q[:, :, lo:hi] * self.scale).contiguous()
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        key_ok = None  # [B, 1, nb, b], only when some key of the pieces is padding
+        if key_mask is not None or nb * b != N:
+            key_mask = key_mask if key_mask is not None else torch.ones(1, 1, N, dtype=torch.bool, device=q.device)
+            key_ok = pad_to_multiple(key_mask, b, -1, False).unflatten(-1, (nb, b))
+
+        def scores(queries: Tensor, keys: Tensor) -> Tensor:
+            return torch.matmul(queries, keys.transpose(-1, -2)).to(dtype)
+
+        parts = []  # (scores [B, H, m, b, n], values [B, H, m, n, D] or [B, H, n, D])
+        # window: key block lo + j + d for query block j, when it is not global (inside lo .. hi - 1)
+        kw, vw = (F.pad(t[:, :, lo:hi], (0, 0, 0, 0, half, half)) for t in (k, v))  # [B, H, m + 2·half, b, D]
+        ok_w = None if key_ok is None else F.pad(key_ok[:, :, lo:hi], (0, 0, half, half), value=False)
+        for d in range(-half, half + 1):
+            s = scores(qm, kw[:, :, half + d:half + d + m])
+            s[:, :, :max(0, -d)] = MASKED
+            s[:, :, max(0, m - d):] = MASKED
+            if ok_w is not None:
+                s.masked_fill_(~ok_w[:, :, half + d:half + d + m, None, :], MASKED)
+            parts.append((s, vw[:, :, half + d:half + d + m]))
+        if len(cols):  # global tokens, seen by every query
+            s = scores(qm.flatten(2, 3), k.flatten(2, 3)[:, :, cols]).unflatten(2, (m, b))
+            if key_ok is not None:
+                s.masked_fill_(~key_ok.flatten(2, 3)[:, :, cols][:, :, None, None], MASKED)
+            parts.append((s, v.flatten(2, 3)[:, :, cols]))
+        if rnd.shape[-1]:  # random blocks, gathered per head: [B, H, m, r·b, D]
+            idx = (torch.arange(H, device=q.device)[:, None, None] * nb + rnd).flatten()
+
+            def gather(t: Tensor) -> Tensor:
+                return t.contiguous().flatten(1, 2).index_select(1, idx).view(B, H, m, -1, D)
+
+            vr = gather(v)
+            s = scores(qm, gather(k))
+            if not rnd_ok.all():
+                s.unflatten(-1, rnd.shape[-1:] + (b,)).masked_fill_(~rnd_ok[:, :, None, :, None], MASKED)
+            if key_ok is not None:
+                s.masked_fill_(~key_ok[:, 0][:, rnd].flatten(-2).unsqueeze(-2), MASKED)
+            parts.append((s, vr))
+        top = torch.stack([s.amax(-1) for s, _ in parts]).amax(0).unsqueeze(-1).detach()  # [B, H, m, b, 1]
+        out, denom = 0, 0
+        for s, val in parts:
+            p = s.sub_(top).exp_()  # masked pairs: exp(MASKED - top) = 0 unless the whole row is masked
+            denom = denom + p.sum(-1, keepdim=True)
+            if p.dim() != val.dim():  # the global piece: every query block against the same keys
+                p = p.flatten(2, 3)
+            prod = torch.matmul((p if drop is None else drop(p)).to(v.dtype), val)
+            out = out + prod.view(B, H, m, b, D)
+        out = out / denom
+        if key_ok is not None:  # a row that sees no key outputs zeros
+            out = out.masked_fill(top <= MASKED / 2, 0.)
+        return out.to(v.dtype).flatten(2, 3)
 
 
 class _SparseTransformerBase(TokenMixer):

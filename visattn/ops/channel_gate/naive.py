@@ -21,8 +21,9 @@ POOLS = ('avg', 'max', 'avgmax')
 def pool_nchw(x: Tensor, pool: str) -> tuple[Tensor | None, Tensor | None]:
     """The average- and/or max-pooled vectors [B, C] (None where ``pool`` does not use one), in float32."""
     xf = upcast(x)
-    avg = xf.mean((2, 3)) if pool in ('avg', 'avgmax') else None
-    mx = xf.amax((2, 3)) if pool in ('max', 'avgmax') else None
+    flat = xf.flatten(2)  # [B, C, HW]: one contiguous reduced dim is faster on a CPU than two
+    avg = flat.mean(-1) if pool in ('avg', 'avgmax') else None
+    mx = flat.amax(-1) if pool in ('max', 'avgmax') else None
     return avg, mx
 
 
