@@ -110,7 +110,7 @@ def bind_defaults(cls: type, suffix: str, **defaults) -> type:
 _BOUND: dict[tuple, type] = {}
 
 
-def pad_to_multiple(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+def pad_hw_to_multiple(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """Zero-pad ``x`` [B, C, H, W] at the bottom/right to multiples of ``block``; also the [Hp, Wp] validity mask."""
     H, W = x.shape[-2:]
     ph, pw = -H % block, -W % block

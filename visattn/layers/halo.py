@@ -29,7 +29,7 @@ from .._utils import (
     from_blocks,
     make_divisible,
     masked_softmax_fp32,
-    pad_to_multiple,
+    pad_hw_to_multiple,
     to_blocks,
 )
 from ..registry import register
@@ -130,7 +130,7 @@ class HaloAttn(nn.Module):
         check_nchw(x, self.channels, type(self).__name__)
         B, _, H, W = x.shape
         N, s, bq = self.num_heads, self.stride, self.block_size // self.stride
-        x, valid = pad_to_multiple(x, self.block_size)
+        x, valid = pad_hw_to_multiple(x, self.block_size)
         Hp, Wp = x.shape[-2:]
         q = to_blocks(self.q(x), bq, N)  # [B, N, blocks, bq², d_qk]
         k, v = self._windows(self.kv(x), N).split([self.dim_head_qk, self.dim_head_v], dim=-1)

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, from_blocks, masked_softmax_fp32, pad_to_multiple, to_blocks
+from .._utils import check_channels, check_nchw, from_blocks, masked_softmax_fp32, pad_hw_to_multiple, to_blocks
 from ..registry import register
 
 __all__ = ['SelfAttn2d', 'SasaStem']
@@ -187,7 +187,7 @@ class SasaStem(nn.Module):
         check_nchw(x, self.in_channels, type(self).__name__)
         B, _, H, W = x.shape
         b, M, C = self.block_size, self.num_values, self.out_channels
-        x, valid = pad_to_multiple(x, b)
+        x, valid = pad_hw_to_multiple(x, b)
         Hp, Wp = x.shape[-2:]
         q, k = self.qk(x).chunk(2, dim=1)
         p = self.value_weights().to(x.dtype).repeat(1, Hp // b, Wp // b)  # [M, Hp, Wp], position inside the block
