@@ -240,6 +240,49 @@ def test_ema_bases_move_by_moving_average_only_in_training():
     torch.testing.assert_close(m.bases, expected.detach())
 
 
+_EMA_DDP_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import visattn
+
+def run(rank, out):
+    dist.init_process_group('gloo', init_method='file://' + out + '/store', rank=rank, world_size=2)
+    torch.manual_seed(0)
+    m = visattn.create_attn('ema', 16, num_bases=6).double().train()
+    torch.manual_seed(1 + rank)
+    m(torch.randn(3 + rank, 16, 7, 9, dtype=torch.float64))  # each rank its own batch (and batch size)
+    torch.save(m.bases, f'{out}/bases{rank}.pt')
+    dist.destroy_process_group()
+
+if __name__ == '__main__':
+    mp.start_processes(run, args=(sys.argv[1],), nprocs=2, start_method='fork')
+"""
+
+
+def test_ema_bases_average_over_processes(tmp_path):
+    """Under torch.distributed the moving average takes the mean of the final bases over every rank's batch."""
+    import subprocess
+    import sys
+
+    script = tmp_path / 'ema_ddp.py'
+    script.write_text(_EMA_DDP_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=120)
+    got = [torch.load(tmp_path / f'bases{r}.pt') for r in range(2)]
+    assert torch.equal(got[0], got[1])
+    torch.manual_seed(0)
+    m = visattn.create_attn('ema', 16, num_bases=6).double()
+    means = []
+    for rank in range(2):
+        torch.manual_seed(1 + rank)
+        x = torch.randn(3 + rank, 16, 7, 9, dtype=torch.float64)
+        mu, _ = ema_em(_conv1x1(x.flatten(2), dict(m.named_parameters()), 'conv_in'), m.bases, 3)
+        means.append(mu.mean(0, keepdim=True))
+    expected = 0.9 * m.bases + 0.1 * _unit((means[0] + means[1]) / 2, 1)
+    torch.testing.assert_close(got[0], expected.detach())
+
+
 def test_external_memories_start_tied():
     m = visattn.create_attn('external', 32, num_slots=8)
     assert m.mv.weight.shape == (32, 8, 1, 1)

@@ -9,14 +9,17 @@ l2 normalisation of each basis. The reconstruction ``X̃ = μ Zᵀ`` goes throug
 and is added to the input before a final ReLU: ``y = ReLU(x + BN(W ReLU(μ Zᵀ)))``. Cost: O(N·K·C·T).
 
 The initial bases are a buffer, not a parameter: in training they follow the batch-mean of the final bases by a
-moving average, ``μ⁰ ← 0.9 μ⁰ + 0.1 normalise(mean_b μ^(T))``. As the released code does, the EM iterations run without
-gradient (``em_grad=False``), so the first 1×1 conv receives none: it is frozen (``requires_grad=False``), as
-mmsegmentation's EMA head freezes it. ``em_grad=True`` back-propagates through the iterations and trains it.
+moving average, ``μ⁰ ← 0.9 μ⁰ + 0.1 normalise(mean_b μ^(T))``; under ``torch.distributed`` the mean runs over the
+batches of every process (as mmsegmentation's EMA head), so the ranks' bases stay equal. As the released code
+does, the EM iterations run without gradient (``em_grad=False``), so the first 1×1 conv receives none: it is
+frozen (``requires_grad=False``), as mmsegmentation's EMA head freezes it. ``em_grad=True`` back-propagates
+through the iterations and trains it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -106,7 +109,11 @@ class EMAttention(nn.Module):
         mu, z = self.em(self.conv_in(x).flatten(2))
         if self.training:
             with torch.no_grad():
-                mean = _l2_normalize(mu.detach().mean(dim=0, keepdim=True), dim=1)
+                mean = mu.detach().mean(dim=0, keepdim=True)
+                if dist.is_available() and dist.is_initialized():  # the mean over every rank's batch (mmseg's)
+                    dist.all_reduce(mean)
+                    mean = mean / dist.get_world_size()
+                mean = _l2_normalize(mean, dim=1)
                 self.bases.mul_(self.momentum).add_(mean.to(self.bases.dtype), alpha=1.0 - self.momentum)
         recon = F.relu(torch.bmm(mu, z.transpose(1, 2))).view_as(x)  # μ Zᵀ: [B, C, H, W]
         return F.relu(x + self.norm(self.conv_out(recon)))
