@@ -343,3 +343,37 @@ def test_eca_with_another_gate():
     y = m(x)
     s = torch.nn.functional.conv1d(x.mean((2, 3)).unsqueeze(1), m.conv.weight, padding=m.kernel_size // 2)
     torch.testing.assert_close(y, x * (0.5 + s.squeeze(1) / 6)[:, :, None, None])
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_cbam_forward_add_is_cbam_plus_shortcut(dtype):
+    """``Cbam.forward_add(x, shortcut)`` (a residual block's fused tail) is ``cbam(x) + shortcut``, with autograd
+    (same gradients) and in inference (where it may overwrite x)."""
+    m = _randomize(visattn.create_attn('cbam', 64)).eval().to(dtype)
+    x, shortcut = torch.randn(2, 2, 64, 7, 9, dtype=dtype).unbind(0)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # a fused multiply-add
+    want = m(x) + shortcut
+    with torch.inference_mode():
+        got = m.forward_add(x.clone(), shortcut)
+    torch.testing.assert_close(got, want, **tol)
+
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ss = [shortcut.clone().requires_grad_(), shortcut.clone().requires_grad_()]
+    out_fused, out_plain = m.forward_add(xs[0], ss[0]), m(xs[1]) + ss[1]
+    torch.testing.assert_close(out_fused, out_plain, **tol)
+    g = torch.randn_like(out_plain)
+    grads = [torch.autograd.grad(o, (xi, si, *m.parameters()), g) for o, xi, si in
+             ((out_fused, xs[0], ss[0]), (out_plain, xs[1], ss[1]))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_cbam_channel_gate_in_place_matches_the_fused_op():
+    m = _randomize(visattn.create_attn('cbam', 64)).eval()
+    x = torch.randn(2, 64, 7, 9)
+    want = m.channel(x)
+    with torch.inference_mode():
+        y = x.clone()
+        got = m.channel(y, inplace=True)
+    assert got.data_ptr() == y.data_ptr()  # written into its input
+    torch.testing.assert_close(got, want)

@@ -134,3 +134,40 @@ def test_output_stride_8_for_segmentation():
     model = timm.create_model('resnet18_cbam', features_only=True, output_stride=8, out_indices=(1, 2, 3, 4))
     outs = model(torch.randn(1, 3, 64, 64))
     assert [o.shape[-1] for o in outs] == [16, 8, 8, 8]
+
+
+@pytest.mark.parametrize('name,block', [('resnet18_cbam', 'BasicBlock'), ('resnet50_cbam', 'Bottleneck')])
+@pytest.mark.parametrize('drop_path', [0.0, 0.1])
+def test_add_fused_blocks_match_timm_blocks(name, block, drop_path):
+    """The CBAM ResNets' blocks fuse the residual addition into CBAM's last product; outputs and gradients are
+    those of timm's own blocks with the same weights (drop path takes timm's route)."""
+    from timm.models import resnet as timm_resnet
+
+    from visattn.models import AttnResNet
+
+    ours = timm.create_model(name, num_classes=5, drop_path_rate=drop_path)
+    assert type(ours.layer1[0]).__name__ == f'AddFused{block}'
+    layers = tuple(len(s) for s in (ours.layer1, ours.layer2, ours.layer3, ours.layer4))
+    theirs = AttnResNet(getattr(timm_resnet, block), layers, attn_layer=visattn.get_attn('cbam'), num_classes=5,
+                        drop_path_rate=drop_path)
+    with torch.no_grad():  # non-trivial BN statistics and attention weights
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for name_, b in ours.named_buffers():
+            if name_.endswith('running_var'):
+                b.uniform_(0.5, 1.5)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    ours.eval(), theirs.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), theirs(x))
+    ours.train(), theirs.train()
+    torch.manual_seed(0)
+    out = ours(x)
+    torch.manual_seed(0)
+    ref = theirs(x)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    out.backward(g), ref.backward(g)
+    for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from .._utils import check_channels, check_nchw, fused_act_name, get_act, needs_grad, reduced_channels
 from ..ops import channel_gate
+from ..ops._dispatch import resolve_backend
+from ..ops.channel_gate import mlp_logits, pool_nchw
 from ..registry import register
 
 
@@ -58,10 +60,15 @@ class ChannelGate(nn.Module):
         self.gate = get_act(gate_layer)
         self.fused_act = fused_act_name(self.act, self.gate)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """``inplace=True`` lets the gate overwrite ``x`` when autograd does not need it (inference on the PyTorch
+        path, where a fresh output costs a full allocation and write)."""
         if self.fused_act is not None:  # the fused op: Triton on a GPU, the same math in PyTorch elsewhere
-            return channel_gate(
-                x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, pool='avgmax', act=self.fused_act)
+            weights = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+            if inplace and not needs_grad(x, *weights) and resolve_backend('auto', x, op='channel_gate') == 'torch':
+                logits = mlp_logits(*pool_nchw(x, 'avgmax'), *weights, act=self.fused_act)
+                return x.mul_(torch.sigmoid(logits)[:, :, None, None])  # float32 gate, rounded once into x's dtype
+            return channel_gate(x, *weights, pool='avgmax', act=self.fused_act)
         pooled = torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])  # [2B, C, 1, 1]
         avg, mx = self.fc2(self.act(self.fc1(pooled))).chunk(2)
         return x * self.gate(avg + mx)
@@ -92,10 +99,14 @@ class SpatialGate(nn.Module):
         ))
         self.gate = get_act(gate_layer)
 
+    def gate_map(self, x: Tensor) -> Tensor:
+        """The spatial gate [B, 1, H, W] of ``x``."""
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)  # [B, 2, H, W]
+        return self.gate(self.conv(pooled))
+
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
         """``inplace=True`` lets the gate overwrite ``x`` when autograd does not need it (inference)."""
-        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)  # [B, 2, H, W]
-        gate = self.gate(self.conv(pooled))
+        gate = self.gate_map(x)
         return x.mul_(gate) if inplace and not needs_grad(x, gate) else x * gate
 
 
@@ -143,3 +154,14 @@ class Cbam(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_nchw(x, self.channels, type(self).__name__)
         return self.spatial(self.channel(x), inplace=True)  # the channel gate's output is ours to overwrite
+
+    def forward_add(self, x: Tensor, shortcut: Tensor) -> Tensor:
+        """``self(x) + shortcut`` with the residual addition fused into the spatial gate's product (one pass over
+        the map fewer). Where autograd does not need them, both gates overwrite ``x``: pass a temporary (a
+        residual branch's output), as a residual block does."""
+        check_nchw(x, self.channels, type(self).__name__)
+        x = self.channel(x, inplace=True)
+        gate = self.spatial.gate_map(x)
+        if needs_grad(x, gate, shortcut):
+            return torch.addcmul(shortcut, x, gate)
+        return torch.addcmul(shortcut, x, gate, out=x)

@@ -22,6 +22,7 @@ from typing import Any
 import torch.nn as nn
 from timm.models import generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import Tensor
 
 from ..layers.bam import BottleneckAttnModule
 from ..layers.cbam import Cbam
@@ -31,7 +32,7 @@ from ..layers.se import SqueezeExcite
 from ..layers.sk import SelectiveKernel
 from ._builder import build_checked, default_cfg, make_entrypoint
 
-__all__ = ['AttnResNet', 'SKBottleneck']
+__all__ = ['AddFusedBasicBlock', 'AddFusedBottleneck', 'AttnResNet', 'SKBottleneck']
 
 
 class AttnResNet(ResNet):
@@ -73,6 +74,45 @@ class AttnResNet(ResNet):
         for m in self.modules():
             if hasattr(m, 'attn_info') and hasattr(m, 'reset_parameters'):
                 m.reset_parameters()  # undo ResNet's blanket conv init where a paper initialises its block itself
+
+
+class _AddFusedTail:
+    """The end of a timm residual block when its attention (the ``se`` slot) has ``forward_add(x, shortcut)``:
+    one call computes ``attn(x) + shortcut``, so the addition fuses with the attention's last product. The
+    order and result are timm's (attention, drop path, addition); drop path takes timm's unfused route."""
+
+    def attn_add(self, x: Tensor, shortcut: Tensor) -> Tensor:
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        if self.se is not None and self.drop_path is None:
+            return self.se.forward_add(x, shortcut)
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        x += shortcut
+        return x
+
+
+class AddFusedBasicBlock(_AddFusedTail, BasicBlock):
+    """timm's ``BasicBlock`` (same modules and outputs) with the attention's ``forward_add`` tail."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        return self.act2(self.attn_add(x, shortcut))
+
+
+class AddFusedBottleneck(_AddFusedTail, Bottleneck):
+    """timm's ``Bottleneck`` (same modules and outputs) with the attention's ``forward_add`` tail."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.bn3(self.conv3(x))
+        return self.act3(self.attn_add(x, shortcut))
 
 
 class SKBottleneck(Bottleneck):
@@ -132,8 +172,10 @@ _ATTN: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 # name -> (AttnResNet arguments, arXiv id)
+_ADD_FUSED = {BasicBlock: AddFusedBasicBlock, Bottleneck: AddFusedBottleneck}
 _MODELS: dict[str, tuple[dict[str, Any], str]] = {
-    f'resnet{depth}_{attn}': (dict(block=block, layers=layers, **args), arxiv)
+    f'resnet{depth}_{attn}': (dict(block=_ADD_FUSED[block] if hasattr(args.get('attn_layer'), 'forward_add')
+                                   else block, layers=layers, **args), arxiv)
     for attn, (args, arxiv) in _ATTN.items()
     for depth, (block, layers) in _DEPTHS.items()
 }

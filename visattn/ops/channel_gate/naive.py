@@ -34,7 +34,8 @@ def mlp_logits(avg: Tensor | None, mx: Tensor | None, fc1_weight: Tensor, fc1_bi
     b1 = None if fc1_bias is None else upcast(fc1_bias)
     b2 = None if fc2_bias is None else upcast(fc2_bias)
     pooled = [p for p in (avg, mx) if p is not None]
-    return sum(F.linear(ACTS[act](F.linear(p, w1, b1)), w2, b2) for p in pooled)
+    logits = F.linear(ACTS[act](F.linear(torch.cat(pooled), w1, b1)), w2, b2)  # both vectors in one batch
+    return logits.view(len(pooled), -1, logits.shape[-1]).sum(0)
 
 
 def eca_logits(avg: Tensor, conv_weight: Tensor) -> Tensor:
