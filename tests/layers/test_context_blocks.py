@@ -3,6 +3,7 @@ equations (dense matrices, explicit normalisations), on output and on input and 
 batch 1, train/eval, bf16, meta, the bases' moving average, cc's memory bound, bad input."""
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,21 +12,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import visattn
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _random_params import randomize  # noqa: E402
+
 CONTEXT = ['nl', 'cc', 'da', 'da_position', 'da_channel', 'ema', 'external', 'efficient']
 IDENTITY_AT_INIT = ['nl', 'cc', 'da', 'da_position', 'da_channel']
 
 
 def _randomize(module: torch.nn.Module) -> torch.nn.Module:
     """Random parameters (γ's included) and BN statistics, so that zero-initialised parts cannot hide a formula."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith('norm.weight') else 0.0))
-        for name, b in module.named_buffers():
-            if name.endswith('running_mean'):
-                b.copy_(torch.randn_like(b) * 0.1)
-            elif name.endswith('running_var'):
-                b.copy_(torch.rand_like(b) + 0.5)
-    return module
+    return randomize(module, 0.5, lambda name, p: name.endswith('norm.weight'))
 
 
 # ----- plain building blocks of the references (float64; P: name -> parameter, S: name -> buffer) -----

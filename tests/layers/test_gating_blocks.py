@@ -2,6 +2,8 @@
 timm's modules where timm has the mechanism (weights copied across), and on odd sizes, bf16, meta, bad input."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -16,20 +18,15 @@ from timm.layers.squeeze_excite import SEModule
 import visattn
 from visattn.layers import eca_kernel_size
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _random_params import randomize  # noqa: E402
+
 GATING = ['se', 'eca', 'cbam', 'bam', 'sk', 'gc']
 
 
 def _randomize(module: torch.nn.Module) -> torch.nn.Module:
     """Random parameters and BN statistics, so that zero-initialised parts cannot hide a wrong formula."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith('weight') and p.dim() == 1 else 0.0))
-        for name, b in module.named_buffers():
-            if name.endswith('running_mean'):
-                b.copy_(torch.randn_like(b) * 0.1)
-            elif name.endswith('running_var'):
-                b.copy_(torch.rand_like(b) + 0.5)
-    return module
+    return randomize(module, 0.5, lambda name, p: name.endswith('weight') and p.dim() == 1)
 
 
 def _p(module, name):

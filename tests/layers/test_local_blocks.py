@@ -3,6 +3,8 @@ loop over query positions building each neighbourhood's logits), output and grad
 bf16, meta, eval/train and bad input."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,20 +12,15 @@ import torch
 import visattn
 from visattn.layers import AxialAttn, HaloAttn, SasaStem, SelfAttn2d
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _random_params import randomize  # noqa: E402
+
 LOCAL = ['sasa', 'halo', 'axial']
 
 
 def _randomize(module: torch.nn.Module) -> torch.nn.Module:
     """Random parameters and BN statistics, so that no zero or unit init hides a wrong term."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.4 + (1.0 if 'bn' in name and name.endswith('weight') else 0.0))
-        for name, b in module.named_buffers():
-            if name.endswith('running_mean'):
-                b.copy_(torch.randn_like(b) * 0.1)
-            elif name.endswith('running_var'):
-                b.copy_(torch.rand_like(b) + 0.5)
-    return module
+    return randomize(module, 0.4, lambda name, p: 'bn' in name and name.endswith('weight'))
 
 
 def _params(m):
