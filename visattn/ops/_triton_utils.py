@@ -7,11 +7,17 @@ import triton.language as tl
 
 
 @triton.jit
-def load_rows(ptr, base, rows, cols, row_mask, d):
-    """Float32 tile of the rows ``rows`` (where ``row_mask``) and columns ``cols < d`` of a row-major [*, d] array
-    at ``ptr + base``; 0 elsewhere."""
+def load_tile(ptr, base, rows, cols, row_mask, d):
+    """Tile of the rows ``rows`` (where ``row_mask``) and columns ``cols < d`` of a row-major [*, d] array at
+    ``ptr + base``, in the array's dtype (a ``tl.dot`` operand); 0 elsewhere."""
     return tl.load(ptr + base + rows[:, None] * d + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < d),
-                   other=0.0).to(tl.float32)
+                   other=0.0)
+
+
+@triton.jit
+def load_rows(ptr, base, rows, cols, row_mask, d):
+    """``load_tile`` in float32."""
+    return load_tile(ptr, base, rows, cols, row_mask, d).to(tl.float32)
 
 
 @triton.jit
@@ -19,6 +25,17 @@ def store_rows(ptr, base, rows, cols, row_mask, d, value):
     """Store ``value`` (cast to the array's dtype) into the tile that ``load_rows`` reads."""
     tl.store(ptr + base + rows[:, None] * d + cols[None, :], value.to(ptr.dtype.element_ty),
              mask=row_mask[:, None] & (cols[None, :] < d))
+
+
+@triton.jit
+def online_softmax_step(m, s_sum, acc, s, v):
+    """Fold one key tile into an online softmax (FlashAttention-2): float32 scores ``s`` [M, N] (-inf where masked)
+    and values ``v`` [N, D] into the running maximum ``m`` [M], sum ``s_sum`` [M] and output ``acc`` [M, D]."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return m_new, s_sum * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
 
 
 @triton.jit

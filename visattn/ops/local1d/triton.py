@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._dispatch import bf16_via_fp32, tile_rows
-from .._triton_utils import softmax_finish, store_rows
+from .._triton_utils import online_softmax_step, softmax_finish, store_rows
 from .._window_triton import MODE_LOCAL1D, window_attention
 from .naive import window_offsets
 
@@ -54,13 +54,7 @@ def _local_fwd_kernel(
     for n0 in range(tl.maximum(m0 + LO, 0), tl.minimum(m0 + BLOCK_M + HI, N), BLOCK_N):
         k, v, inside = _band_tile(K, V, bh, rows, n0 + tl.arange(0, BLOCK_N), N, DK, DV, LO, HI, BLOCK_DK, BLOCK_DV)
         s = tl.where(inside, tl.dot(q, tl.trans(k)).to(tl.float32) * scale, float('-inf'))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        s_sum = s_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m = m_new
+        m, s_sum, acc = online_softmax_step(m, s_sum, acc, s, v)
     out, lse = softmax_finish(acc, m, s_sum)
     store_rows(Out, bh * N * DV, rows, dv, rows < N, DV, out)
     tl.store(LSE + bh * N + rows, lse, mask=rows < N)

@@ -1,0 +1,53 @@
+"""The tensor-core criss-cross kernels (``visattn.ops.criss_cross.triton``) with tiles of 4 to 8 positions (the
+interpreter takes any tile size), so that every row and column spans several q/k tiles and the values several
+``BLOCK_DV`` slices: output and every gradient against the PyTorch path, in Triton's CPU interpreter, outputs
+allocated NaN-poisoned. The interpreter pays ~ms per loop step, hence the small maps."""
+
+import pytest
+import torch
+
+import visattn.ops as ops
+
+pytest.importorskip('triton')
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def check_tiles(monkeypatch, grads_of, shape, dv, dtype, block_m=4, block_n=4, scale=None):
+    """Triton (tiles of ``block_m`` queries, ``block_n`` keys, 4 values) against torch on q, k of ``shape``."""
+    from visattn.ops.criss_cross import triton as cc
+
+    monkeypatch.setattr(cc, 'blocks', lambda length, dk, dv, size: dict(BLOCK_M=block_m, BLOCK_N=block_n,
+                                                                         BLOCK_DK=4, BLOCK_DV=4))
+    torch.manual_seed(42)
+    q, k = torch.randn(2, *shape).to(dtype).unbind(0)
+    v = torch.randn(*shape[:-1], dv).to(dtype)
+
+    def fn(*a, backend):
+        return ops.criss_cross_attention(*a, scale=scale, backend=backend)
+
+    out, grads, g = grads_of(lambda *a: fn(*a, backend='triton'), [q, k, v])
+    ref, ref_grads, _ = grads_of(lambda *a: fn(*a, backend='torch'), [q, k, v], g)
+    assert out.dtype == dtype and torch.isfinite(out).all(), 'elements left unwritten (NaN-poisoned)'
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+    for name, got, want in zip('qkv', grads, ref_grads):
+        assert got.dtype == dtype and torch.isfinite(got).all(), f'd{name} has unwritten elements'
+        torch.testing.assert_close(got.float(), want.float(), **TOL[dtype], msg=lambda m, n=name: f'd{n}: {m}')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_several_tiles_per_row_and_column(dtype, monkeypatch, poison_empty, grads_of):
+    # rows of 5 and columns of 7 (2 tiles each), Dk = 3 in a 4-wide tile, Dv = 6 in 2 slices
+    check_tiles(monkeypatch, grads_of, (1, 1, 7, 5, 3), 6, dtype, scale=1.0)
+
+
+@pytest.mark.parametrize('block_m,block_n', [(4, 8), (8, 4)])
+def test_query_and_key_tiles_of_different_sizes(block_m, block_n, monkeypatch, poison_empty, grads_of):
+    # the diagonal that the column pass leaves out crosses tiles of queries and keys at different offsets
+    check_tiles(monkeypatch, grads_of, (1, 1, 9, 6, 3), 6, torch.float32, block_m=block_m, block_n=block_n)
+
+
+@pytest.mark.parametrize('hs,ws', [(1, 9), (9, 1)])
+def test_a_single_row_or_column_over_several_tiles(hs, ws, monkeypatch, poison_empty, grads_of):
+    # Hs = 1: every column pass is empty (only the diagonal); Ws = 1: every row pass holds only the query itself
+    check_tiles(monkeypatch, grads_of, (1, 1, hs, ws, 4), 6, torch.float32)
