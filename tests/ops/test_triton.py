@@ -49,7 +49,8 @@ def test_linear_attention_kernels_over_many_chunks_and_split_state(causal, monke
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('window,dilation,causal', [(7, 1, False), (9, 1, True), (5, 3, True)])
+@pytest.mark.parametrize('window,dilation,causal', [(7, 1, False), (9, 1, True), (5, 3, True), (7, 2, False),
+                                                    (3, 5, False)])
 def test_local_attention_1d_kernels(window, dilation, causal, dtype, poison_empty, grads_of):
     q, k = torch.randn(2, 2, 2, 63, 60).unbind(0)
     v = torch.randn(2, 2, 63, 20)
@@ -160,8 +161,10 @@ def test_criss_cross_kernels_on_a_single_row_or_column(hs, ws, poison_empty, gra
                         torch.float32, grads_of)
 
 
+@pytest.mark.parametrize('dilation', [1, 3])
 @pytest.mark.parametrize('n,causal', [(1, False), (2, True), (5, False)])
-def test_window_longer_than_the_sequence(n, causal, poison_empty, grads_of):
+def test_window_longer_than_the_sequence(n, causal, dilation, poison_empty, grads_of):
     q, k, v = torch.randn(3, 1, 2, n, 4).unbind(0)
-    check_against_torch(lambda *a, backend: ops.local_attention_1d(*a, window=9, causal=causal, backend=backend),
+    check_against_torch(lambda *a, backend: ops.local_attention_1d(*a, window=9, dilation=dilation, causal=causal,
+                                                                   backend=backend),
                         [q, k, v], torch.float32, grads_of)

@@ -5,8 +5,9 @@ tiles of its band, scores come from tensor-core products of q and k tiles, posit
 window are masked, and the softmax is online (running maximum and sum in float32); the forward saves the
 log-sum-exp per query. The backward recomputes the probabilities: ``_local_bwd_dq_kernel`` walks the band of a
 query block for dq (and saves ``delta = rowsum(do·o)``), ``_local_bwd_dkdv_kernel`` walks the transposed band of
-a key block for dk and dv, without atomics. Dilated windows, whose band is mostly masked, use the gathered-key
-kernels of ``visattn.ops._window_triton``.
+a key block for dk and dv, without atomics. A dilated window stays inside its query's residue class mod the
+dilation, where it is an undilated window: dilation d runs the same kernels on the d strided subsequences
+(gathered into at most two batches of equal length, the outputs put back in place).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from torch import Tensor
 
 from .._dispatch import bf16_via_fp32, tile_rows
 from .._triton_utils import online_softmax_step, softmax_finish, store_rows
-from .._window_triton import MODE_LOCAL1D, window_attention
 from .naive import window_offsets
 
 
@@ -157,7 +157,21 @@ class LocalAttnFn(torch.autograd.Function):
 def local_attention_1d_triton(q: Tensor, k: Tensor, v: Tensor, *, window: int, dilation: int, causal: bool,
                               scale: float) -> Tensor:
     """Sliding-window attention on [B, H, N, D] (arguments checked by ``local_attention_1d``)."""
-    if dilation > 1:
-        return window_attention(q, k, v, None, mode=MODE_LOCAL1D, window=window, dilation=dilation, causal=causal,
-                                nkeys=window, ws=1, scale=scale)
-    return LocalAttnFn.apply(q, k, v, *window_offsets(window, 1, causal), scale)
+    lo, hi = window_offsets(window, 1, causal)
+    if dilation == 1:
+        return LocalAttnFn.apply(q, k, v, lo, hi, scale)
+    b, h, n = q.shape[:3]
+    full, extra = divmod(n, dilation)  # residues r < extra have full + 1 positions, the others full
+    outs, order = [], []
+    for r0, r1, length in ((0, extra, full + 1), (extra, dilation, full)):
+        if r1 == r0 or length == 0:
+            continue
+        idx = (torch.arange(r0, r1, device=q.device)[:, None]
+               + dilation * torch.arange(length, device=q.device)[None, :])  # [residues, length]: positions
+        q_r, k_r, v_r = (t[:, :, idx].reshape(b, h * (r1 - r0), length, t.shape[-1]) for t in (q, k, v))
+        outs.append(LocalAttnFn.apply(q_r, k_r, v_r, lo, hi, scale).reshape(b, h, -1, v.shape[-1]))
+        order.append(idx.flatten())
+    inverse = torch.empty(n, dtype=torch.long, device=q.device)
+    order = torch.cat(order)
+    inverse[order] = torch.arange(n, device=q.device)
+    return torch.cat(outs, dim=2)[:, :, inverse]

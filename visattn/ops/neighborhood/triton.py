@@ -16,8 +16,8 @@ map, smaller where a border clips it. That union, flattened row-major, is walked
 pair is masked to its query's own window, the relative-position bias is gathered by offset, and the softmax is
 online in float32 (base 2); only the output and the log-sum-exp per query are written.
 
-Why tensor cores: the gathered-key kernels (``visattn.ops._window_triton``) score one key per query with row dot
-products on the CUDA cores; here an 8×8 tile with k = 7 scores its 64 queries against the 14×14 union (196 keys,
+Why tensor cores: a gathered-key kernel (one key per query per step) scores with row dot products on the CUDA
+cores; here an 8×8 tile with k = 7 scores its 64 queries against the 14×14 union (196 keys,
 7 chunks of 32) with two matrix products per chunk, so the products run on the tensor cores and each key
 row is loaded once per tile instead of once per query. At head size 32 the element-wise softmax work per score,
 not the products, sets the time, and 49 of the 224 scores of a query are in its window; a 1-D block mask over
