@@ -140,6 +140,15 @@ def build_cases(device: str, dtype: torch.dtype, quick: bool, with_flex: bool) -
         'criss_cross_attention', f'[{b}, {c}, {hs}, {hs}]',
         lambda be, q=q, k=k, v=v: ops.criss_cross_attention(q, k, v, scale=1.0, backend=be), _bytes(q, k, v, v),
         None if quick else 38.0, inputs=[q, k, v]))
+    # HaloNet stage (b = 8, h = 3, heads of 16) on a 64×64 map, with the factorised relative embeddings
+    b, h, hs, d = (2, 2, 32, 16) if quick else (8, 8, 64, 16)
+    q, k, v = (_randn(b, h, hs, hs, d, **dd) for _ in range(3))
+    rel_h, rel_w = (_randn(2 * 14 - 1, d, **dd) for _ in range(2))
+    cases.append(Case(
+        'halo_attention_2d b=8 h=3 +rel', f'[{b}, {h}, {hs}, {hs}, {d}]',
+        lambda be, q=q, k=k, v=v, rh=rel_h, rw=rel_w: ops.halo_attention_2d(q, k, v, block_size=8, halo_size=3,
+                                                                            rel_h=rh, rel_w=rw, backend=be),
+        _bytes(q, k, v, v), None, inputs=[q, k, v, rel_h, rel_w]))
     b, c, hs = (4, 64, 28) if quick else (32, 256, 56)
     x = _randn(b, c, hs, hs, **dd)
     w1, b1 = torch.randn(c // 16, c, device=device) * 0.1, torch.zeros(c // 16, device=device)

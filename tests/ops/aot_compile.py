@@ -17,14 +17,16 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from visattn.ops import _window_triton as window  # noqa: E402
 from visattn.ops.channel_gate import triton as gate  # noqa: E402
+from visattn.ops.criss_cross import triton as cc  # noqa: E402
+from visattn.ops.halo import triton as halo  # noqa: E402
 from visattn.ops.linear import triton as linear  # noqa: E402
 from visattn.ops.local1d import triton as local  # noqa: E402
+from visattn.ops.neighborhood import triton as na  # noqa: E402
 
 FP32_POINTERS = {'LSE', 'DELTA', 'DEN', 'S', 'Z', 'DS', 'DZ', 'DK_ACC', 'DV_ACC', 'DRPB', 'SUM', 'MAX', 'AVG',
-                 'LOGIT', 'DAVG', 'DMAX', 'MAXV', 'W1', 'B1', 'W2', 'B2'}
-DATA_POINTERS = {'Q', 'K', 'V', 'Out', 'DO', 'DQ', 'DKg', 'DVg', 'RPB', 'A', 'B', 'X', 'Y', 'DY', 'DX'}
+                 'LOGIT', 'DAVG', 'DMAX', 'MAXV', 'W1', 'B1', 'W2', 'B2', 'LSE_ROW', 'DREL'}
+DATA_POINTERS = {'Q', 'K', 'V', 'Out', 'DO', 'DQ', 'DKg', 'DVg', 'RPB', 'REL', 'A', 'B', 'X', 'Y', 'DY', 'DX'}
 FLOATS = {'scale', 'eps'}
 
 
@@ -45,11 +47,6 @@ def signature(fn, consts: dict, dtype: str) -> dict:
 
 def cases():
     for dtype in ('bf16', 'fp16', 'fp32'):
-        for mode, dk, dv, block_m in ((0, 64, 64, 64), (1, 32, 32, 64), (2, 64, 512, 16)):
-            consts = dict(MODE=mode, WINDOW=7 if mode < 2 else 1, DIL=2 if mode == 0 else 1, CAUSAL=mode == 0,
-                          HAS_RPB=mode == 1, BLOCK_M=block_m, BLOCK_DK=dk, BLOCK_DV=dv)
-            for fn in (window._window_fwd_kernel, window._window_bwd_dq_kernel, window._window_bwd_dkdv_kernel):
-                yield fn, consts, dtype
         for d in (64, 128):
             size = {'bf16': 2, 'fp16': 2, 'fp32': 4}[dtype]
             block = triton.next_power_of_2(d)
@@ -63,6 +60,16 @@ def cases():
                 yield fn, dict(BLOCK_N=rows, **tile), dtype
             for bwd in (False, True):
                 yield linear._state_kernel, dict(BWD=bwd, BLOCK_N=rows, BLOCK_DA=block, BLOCK_DB=block), dtype
+        size = {'bf16': 2, 'fp16': 2, 'fp32': 4}[dtype]
+        for column in (False, True):  # CCNet's heads: q, k of 64 channels, v of 512, rows and columns of 97
+            for fn in (cc._cc_fwd_kernel, cc._cc_bwd_dq_kernel, cc._cc_bwd_dk_kernel, cc._cc_bwd_dv_kernel):
+                yield fn, dict(COLUMN=column, **cc.blocks(97, 64, 512, size)), dtype
+        for d, dilation, has_rpb in ((32, 1, True), (64, 2, False)):  # NAT's heads, 7×7 windows on a 56×56 map
+            th, tw, block_n = na._tiles(56, 56, 7, d, d, size)
+            consts = dict(DK=d, DV=d, KS=7, DIL=dilation, HAS_RPB=has_rpb, TILE_H=th, TILE_W=tw, BLOCK_N=block_n,
+                          BLOCK_DK=d, BLOCK_DV=d)
+            for fn in (na._na_fwd_kernel, na._na_bwd_dq_kernel, na._na_bwd_dkdv_kernel):
+                yield fn, consts, dtype
         for has_y, want_max in ((False, True), (True, False)):
             yield gate._row_reduce_kernel, dict(HAS_Y=has_y, WANT_MAX=want_max, BLOCK_R=4, BLOCK_HW=1024), dtype
         for eca, use_max, act in ((False, True, 0), (False, False, 2), (True, False, 0)):
@@ -70,6 +77,10 @@ def cases():
                 ECA=eca, USE_AVG=True, USE_MAX=use_max, HAS_B1=True, HAS_B2=True, ACT=act, KS=5 if eca else 1,
                 BLOCK_C=8, BLOCK_HW=512, BLOCK_K=64, BLOCK_CR=16), dtype
         yield gate._gate_bwd_kernel, dict(HAS_MAX=True, BLOCK_R=4, BLOCK_HW=1024), dtype
+        for bs, hs, stride, rel, dk in ((8, 3, 1, True, 16), (8, 3, 2, True, 32), (12, 2, 1, False, 64)):
+            consts = dict(HAS_REL=rel, **halo._config(dk, dk, size, bs, hs, stride))
+            for fn in (halo._halo_fwd_kernel, halo._halo_bwd_dq_kernel, halo._halo_bwd_dkdv_kernel):
+                yield fn, consts, dtype
 
 
 def main() -> int:

@@ -2,8 +2,13 @@ import os
 
 os.environ['TRITON_INTERPRET'] = '1'  # before any kernel module is imported: the kernels run in the interpreter
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # the test modules import the shared check from _compare
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import visattn.ops as ops
 
 pytest.importorskip('triton')
 
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-2, rtol=2e-2)}
+from _compare import check_against_torch  # noqa: E402
 
 
 def check_tiles(monkeypatch, grads_of, shape, dv, dtype, block_m=4, block_n=4, scale=None):
@@ -26,13 +26,7 @@ def check_tiles(monkeypatch, grads_of, shape, dv, dtype, block_m=4, block_n=4, s
     def fn(*a, backend):
         return ops.criss_cross_attention(*a, scale=scale, backend=backend)
 
-    out, grads, g = grads_of(lambda *a: fn(*a, backend='triton'), [q, k, v])
-    ref, ref_grads, _ = grads_of(lambda *a: fn(*a, backend='torch'), [q, k, v], g)
-    assert out.dtype == dtype and torch.isfinite(out).all(), 'elements left unwritten (NaN-poisoned)'
-    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
-    for name, got, want in zip('qkv', grads, ref_grads):
-        assert got.dtype == dtype and torch.isfinite(got).all(), f'd{name} has unwritten elements'
-        torch.testing.assert_close(got.float(), want.float(), **TOL[dtype], msg=lambda m, n=name: f'd{n}: {m}')
+    check_against_torch(fn, [q, k, v], dtype, grads_of)
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])

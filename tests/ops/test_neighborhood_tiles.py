@@ -9,7 +9,7 @@ import visattn.ops as ops
 
 pytest.importorskip('triton')
 
-from tests.ops.test_triton import TOL, check_against_torch  # noqa: E402
+from _compare import TOL, check_against_torch  # noqa: E402
 
 
 @pytest.fixture

@@ -13,25 +13,17 @@ factorised over height and width (the HaloNet/BoTNet form): for a query at ``(i,
 a (b/2)×(b/2) query block), keys and values from the full-resolution window, and the relative offsets are
 measured in pixels of the input. Any H×W works: the input is zero-padded at the bottom/right to a multiple of b,
 the halo is zero-padded too, and every padded key is masked out of the softmax (timm's ``HaloAttn`` needs
-sizes divisible by b).
+sizes divisible by b). The attention itself is ``visattn.ops.halo_attention_2d`` (Triton kernels on CUDA).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import (
-    check_channels,
-    check_nchw,
-    from_blocks,
-    make_divisible,
-    masked_softmax_fp32,
-    pad_hw_to_multiple,
-    to_blocks,
-)
+from .._utils import check_channels, check_nchw, make_divisible
+from ..ops import halo_attention_2d
 from ..registry import register
 
 __all__ = ['HaloAttn']
@@ -39,7 +31,7 @@ __all__ = ['HaloAttn']
 
 @register(
     'halo', paper='Scaling Local Self-Attention for Parameter Efficient Visual Backbones', arxiv='2103.12731',
-    year=2021, family='local', complexity='O(N·(b+2h)²·C)',
+    year=2021, family='local', complexity='O(N·(b+2h)²·C)', backends=('torch', 'triton'),
 )
 class HaloAttn(nn.Module):
     """Blocked local self-attention with halos.
@@ -103,11 +95,6 @@ class HaloAttn(nn.Module):
         self.kv = nn.Conv2d(channels, num_heads * (self.dim_head_qk + self.dim_head_v), 1, bias=qkv_bias, **dd)
         self.rel_height = nn.Parameter(torch.empty(2 * self.win_size - 1, self.dim_head_qk, **dd))
         self.rel_width = nn.Parameter(torch.empty(2 * self.win_size - 1, self.dim_head_qk, **dd))
-        # offset (key - query, in input pixels) + win - 1 for query row i of the block and key row j of the window
-        bq = block_size // stride
-        rows, cols = torch.arange(bq, device=device), torch.arange(self.win_size, device=device)
-        index = cols[None, :] - halo_size - stride * rows[:, None]
-        self.register_buffer('rel_index', index + self.win_size - 1, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -119,26 +106,12 @@ class HaloAttn(nn.Module):
         nn.init.normal_(self.rel_height, std=self.scale)
         nn.init.normal_(self.rel_width, std=self.scale)
 
-    def _windows(self, t: Tensor, heads: int) -> Tensor:
-        """[B, heads·D, Hp, Wp] -> [B, heads, blocks, win², D]: each block's window, zero-padded halo."""
-        B, C, Hp, Wp = t.shape
-        h, w, b = self.halo_size, self.win_size, self.block_size
-        t = F.pad(t, (h, h, h, h)).unfold(2, w, b).unfold(3, w, b)  # [B, C, nH, nW, win, win]
-        return t.reshape(B, heads, C // heads, -1, w * w).permute(0, 1, 3, 4, 2)
-
     def forward(self, x: Tensor) -> Tensor:
         check_nchw(x, self.channels, type(self).__name__)
-        B, _, H, W = x.shape
-        N, s, bq = self.num_heads, self.stride, self.block_size // self.stride
-        x, valid = pad_hw_to_multiple(x, self.block_size)
-        Hp, Wp = x.shape[-2:]
-        q = to_blocks(self.q(x), bq, N)  # [B, N, blocks, bq², d_qk]
-        k, v = self._windows(self.kv(x), N).split([self.dim_head_qk, self.dim_head_v], dim=-1)
-        mask = self._windows(valid[None, None].to(x.dtype), 1)[:, :, :, None, :, 0] > 0  # [1, 1, blocks, 1, win²]
-        qg = q.unflatten(3, (bq, bq))  # [B, N, blocks, bq, bq, d_qk]
-        rel_h = torch.einsum('bnpyxd,yjd->bnpyxj', qg, self.rel_height[self.rel_index].to(q.dtype))
-        rel_w = torch.einsum('bnpyxd,xjd->bnpyxj', qg, self.rel_width[self.rel_index].to(q.dtype))
-        rel = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(3, 4).flatten(-2)  # [B, N, blocks, bq², win²]
-        attn = masked_softmax_fp32((q @ k.transpose(-1, -2) + rel) * self.scale, mask).to(v.dtype)
-        out = from_blocks(attn @ v, bq, Hp // s, Wp // s)
-        return out[:, :, :-(-H // s), :-(-W // s)]
+        N, dq, dv = self.num_heads, self.dim_head_qk, self.dim_head_v
+        # [B, N·D, H, W] -> [B, N, H, W, D]; q at every stride-th pixel: [B, N, ceil(H / s), ceil(W / s), d_qk]
+        q = self.q(x).unflatten(1, (N, dq)).permute(0, 1, 3, 4, 2)
+        k, v = self.kv(x).unflatten(1, (N, dq + dv)).permute(0, 1, 3, 4, 2).split([dq, dv], dim=-1)
+        out = halo_attention_2d(q, k, v, block_size=self.block_size, halo_size=self.halo_size, stride=self.stride,
+                                rel_h=self.rel_height.to(q.dtype), rel_w=self.rel_width.to(q.dtype), scale=self.scale)
+        return out.permute(0, 1, 4, 2, 3).flatten(1, 2)

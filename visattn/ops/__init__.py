@@ -8,11 +8,12 @@ Layout: ``ops/<op>/naive.py`` (plain PyTorch), ``ops/<op>/triton.py`` (kernels a
 from ._dispatch import BACKENDS, resolve_backend
 from .channel_gate import channel_gate, eca_gate
 from .criss_cross import criss_cross_attention
+from .halo import halo_attention_2d
 from .linear import linear_attention
 from .local1d import local_attention_1d
 from .neighborhood import neighborhood_attention_2d
 
 __all__ = [
-    'BACKENDS', 'channel_gate', 'criss_cross_attention', 'eca_gate', 'linear_attention', 'local_attention_1d',
-    'neighborhood_attention_2d', 'resolve_backend',
+    'BACKENDS', 'channel_gate', 'criss_cross_attention', 'eca_gate', 'halo_attention_2d', 'linear_attention',
+    'local_attention_1d', 'neighborhood_attention_2d', 'resolve_backend',
 ]
