@@ -160,6 +160,20 @@ def test_channel_gate_matches_definition(pool):
     torch.testing.assert_close(out, ref(x, w1, torch.zeros(2, dtype=D64), w2, torch.zeros(8, dtype=D64)))
 
 
+@pytest.mark.parametrize('pool', ['max', 'avgmax'])
+def test_channel_gate_splits_the_max_gradient_among_ties(pool):
+    """The hand-written backward follows ``amax``: a tied maximum shares its gradient evenly."""
+    x = torch.randint(0, 3, (2, 6, 4, 5)).to(D64)  # many ties at the maximum of each channel
+    w1, w2 = torch.randn(3, 6, dtype=D64), torch.randn(6, 3, dtype=D64)
+
+    def ref(x, w1, w2):
+        flat = x.flatten(2)
+        pooled = [flat.amax(-1)] + ([flat.mean(-1)] if pool == 'avgmax' else [])
+        return x * torch.sigmoid(sum(torch.relu(p @ w1.T) @ w2.T for p in pooled))[:, :, None, None]
+
+    compare(lambda x, w1, w2: channel_gate(x, w1, None, w2, None, pool=pool, backend='torch'), ref, [x, w1, w2])
+
+
 def test_eca_gate_matches_definition():
     x = torch.randn(2, 9, 4, 3, dtype=D64)
     w = torch.randn(1, 1, 5, dtype=D64)

@@ -7,16 +7,51 @@ Split: M branches of grouped 3×3 convolutions with dilation 1, 2, ... (the pape
 the second branch by a 3×3 with dilation 2), each followed by BN and ReLU. Fuse: ``s = GAP(Σ U_m)``,
 ``z = δ(BN(W s))`` with width ``d = max(C/r, L)``. Select: ``a_m = softmax_m(A_m z)`` per channel, and
 ``V = Σ a_m U_m``. The paper's SK[M=2, G=32, r=16] with L = 32 are the defaults. The unit replaces the 3×3
-convolution of a bottleneck and takes its ``stride``.
+convolution of a bottleneck and takes its ``stride``. Under autograd, ``V = Σ a_m U_m`` has a hand-written
+backward: ``dU_m = dV·a_m``, and ``da_m = Σ_hw dV·U_m`` as one reduction per branch, with no product map.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .._utils import check_channels, check_nchw, get_act, reduced_channels, softmax_fp32
 from ..registry import register
+
+
+def _mix(a: Tensor, u: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+    out = u[0] * a[:, 0]
+    for m in range(1, len(u)):
+        out.addcmul_(u[m], a[:, m])  # accumulated in place
+    return out
+
+
+class _BranchMix(torch.autograd.Function):
+    """``V = Σ_m a_m U_m`` for branch maps ``U_m`` [B, C, H, W] and per-channel weights ``a`` [B, M, C, 1, 1]."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, *u: Tensor) -> Tensor:
+        ctx.save_for_backward(a, *u)
+        return _mix(a, u)
+
+    @staticmethod
+    def backward(ctx, dv: Tensor):
+        a, *u = ctx.saved_tensors
+        b, c = dv.shape[:2]
+        dvf = dv.reshape(b, c, -1)
+        da = torch.stack([torch.linalg.vecdot(dvf, um.reshape(b, c, -1)) for um in u], 1) if ctx.needs_input_grad[0] \
+            else None
+        du = [dv * a[:, m] if ctx.needs_input_grad[m + 1] else None for m in range(len(u))]
+        return (None if da is None else da.view_as(a).to(a.dtype), *du)
+
+
+def branch_mix(a: Tensor, u: list[Tensor]) -> Tensor:
+    """``Σ_m a[:, m] · u[m]`` (``_BranchMix`` where autograd records it)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (a, *u)):
+        return _BranchMix.apply(a, *u)
+    return _mix(a, u)
 
 
 @register(
@@ -101,7 +136,4 @@ class SelectiveKernel(nn.Module):
         s = sum(f.mean((2, 3), keepdim=True) for f in u)  # GAP(Σ U_m) = Σ GAP(U_m): no full-size sum
         z = self.act(self.bn(self.fc_reduce(s)))  # [B, d, 1, 1]
         a = softmax_fp32(self.fc_select(z).view(x.shape[0], self.num_branches, self.out_channels, 1, 1), dim=1)
-        out = u[0] * a[:, 0]
-        for m in range(1, self.num_branches):
-            out = out.addcmul_(u[m], a[:, m])  # V = Σ a_m U_m, accumulated in place
-        return out
+        return branch_mix(a.to(u[0].dtype), u)  # V = Σ a_m U_m

@@ -11,15 +11,13 @@ in one pass. Pooling, gates and sums run in float32. Expects NCHW-contiguous map
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .._dispatch import bf16_via_fp32, interpret_mode
-from .naive import eca_logits, mlp_logits
+from .naive import excite_backward, excite_fn
 
 
 @triton.jit
@@ -157,13 +155,6 @@ def _row_reduce(x: Tensor, y: Tensor | None, want_max: bool) -> tuple[Tensor, Te
 ACT_CODES = {'relu': 0, 'silu': 1, 'gelu': 2}
 
 
-def _excite(kind: str, act: str) -> Callable[..., Tensor]:
-    """The excitation in PyTorch, ``(avg, mx, *params) -> logits`` (the backward differentiates it)."""
-    if kind == 'eca':
-        return lambda avg, mx, conv_weight: eca_logits(avg, conv_weight)
-    return lambda avg, mx, w1, b1, w2, b2: mlp_logits(avg, mx, w1, b1, w2, b2, act)
-
-
 class ChannelGateFn(torch.autograd.Function):
     """``x · σ(excite(avg(x), max(x), *params))`` on [B, C, H, W]; forward and backward (see the module docstring).
 
@@ -194,7 +185,7 @@ class ChannelGateFn(torch.autograd.Function):
         mx = mx.view(b, c) if use_max else None
         ctx.save_for_backward(xr, *(t if t is not None else torch.empty(0) for t in (avg, mx)), *params)
         ctx.none = (avg is None, mx is None, *(p is None for p in params))
-        ctx.excite, ctx.shape = _excite(kind, act), (b, c, h, w)
+        ctx.excite, ctx.shape = excite_fn(kind, act), (b, c, h, w)
         return y.view(b, c, h, w)
 
     @staticmethod
@@ -204,14 +195,8 @@ class ChannelGateFn(torch.autograd.Function):
         b, c, h, w = ctx.shape
         dyr = dy.contiguous().view(b * c, h * w)
         dgate, _ = _row_reduce(xr, dyr, want_max=False)  # Σ_hw dy·x per (sample, channel)
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_() if t is not None else None for t in (avg, mx, *params)]
-            logits = ctx.excite(*inputs)
-            sig = torch.sigmoid(logits.detach().float())
-            wanted = [t for t in inputs if t is not None]
-            grads = iter(torch.autograd.grad(logits, wanted, dgate.view(b, c) * sig * (1 - sig), allow_unused=True))
-        davg, dmax, *dparams = (next(grads) if t is not None else None for t in inputs)
-        logits = logits.detach().float().reshape(-1).contiguous()
+        logits, (davg, dmax, *dparams) = excite_backward(ctx.excite, avg, mx, params, dgate.view(b, c))
+        logits = logits.reshape(-1).contiguous()
         zeros = logits.new_zeros(b * c)
         davg = zeros if davg is None else davg.reshape(-1).float().contiguous()
         has_max = dmax is not None
