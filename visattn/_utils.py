@@ -59,6 +59,16 @@ def softmax_fp32(x: Tensor, dim: int) -> Tensor:
     return torch.softmax(x, dim=dim)
 
 
+def mean_expanded_grad(x: Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> Tensor:
+    """``x.mean(dim)`` as the sum divided on the reduced tensor, so that its backward is a broadcast view of the
+    small gradient: PyTorch's mean divides the expanded gradient into a new full-size map."""
+    dims = (dim,) if isinstance(dim, int) else dim
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return x.sum(dim, keepdim=keepdim) / n
+
+
 def needs_grad(*tensors: Tensor) -> bool:
     """True when autograd records an op on ``tensors``; in-place updates of intermediates are safe otherwise."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

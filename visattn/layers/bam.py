@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, get_act, needs_grad, reduced_channels
+from .._utils import check_channels, check_nchw, get_act, mean_expanded_grad, needs_grad, reduced_channels
 from ..registry import register
 
 
@@ -90,7 +90,7 @@ class BottleneckAttnModule(nn.Module):
             raise ValueError(
                 f'{type(self).__name__}: the channel branch normalises over the batch (BatchNorm) and needs a batch '
                 f'of at least 2 in training mode, got shape {tuple(x.shape)}; use eval() for a single image')
-        mc = self.channel_att(x.mean((2, 3), keepdim=True))  # [B, C, 1, 1]
+        mc = self.channel_att(mean_expanded_grad(x, (2, 3), keepdim=True))  # [B, C, 1, 1]
         ms = self.spatial_att(x)  # [B, 1, H, W]
         att = mc + ms if self.combine == 'sum' else mc * ms  # [B, C, H, W]
         if needs_grad(x, att):

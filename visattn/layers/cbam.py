@@ -18,7 +18,15 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, fused_act_name, get_act, needs_grad, reduced_channels
+from .._utils import (
+    check_channels,
+    check_nchw,
+    fused_act_name,
+    get_act,
+    mean_expanded_grad,
+    needs_grad,
+    reduced_channels,
+)
 from ..ops import channel_gate
 from ..ops._dispatch import resolve_backend
 from ..ops.channel_gate import mlp_logits, pool_nchw
@@ -69,7 +77,7 @@ class ChannelGate(nn.Module):
                 logits = mlp_logits(*pool_nchw(x, 'avgmax'), *weights, act=self.fused_act)
                 return x.mul_(torch.sigmoid(logits)[:, :, None, None])  # float32 gate, rounded once into x's dtype
             return channel_gate(x, *weights, pool='avgmax', act=self.fused_act)
-        pooled = torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])  # [2B, C, 1, 1]
+        pooled = torch.cat([mean_expanded_grad(x, (2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])  # [2B, C, 1, 1]
         avg, mx = self.fc2(self.act(self.fc1(pooled))).chunk(2)
         return x * self.gate(avg + mx)
 
@@ -101,7 +109,7 @@ class SpatialGate(nn.Module):
 
     def gate_map(self, x: Tensor) -> Tensor:
         """The spatial gate [B, 1, H, W] of ``x``."""
-        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)  # [B, 2, H, W]
+        pooled = torch.cat([mean_expanded_grad(x, 1, keepdim=True), x.amax(1, keepdim=True)], dim=1)  # [B, 2, H, W]
         return self.gate(self.conv(pooled))
 
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:

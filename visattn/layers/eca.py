@@ -17,7 +17,7 @@ import math
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, get_act
+from .._utils import check_channels, check_nchw, get_act, mean_expanded_grad
 from ..ops import eca_gate
 from ..registry import register
 
@@ -71,5 +71,5 @@ class EfficientChannelAttn(nn.Module):
         check_nchw(x, self.channels, type(self).__name__)
         if isinstance(self.gate, nn.Sigmoid):  # the fused op: Triton on a GPU, the same math in PyTorch elsewhere
             return eca_gate(x, self.conv.weight)
-        s = self.conv(x.mean((2, 3)).unsqueeze(1))  # [B, 1, C]: channels as the sequence
+        s = self.conv(mean_expanded_grad(x, (2, 3)).unsqueeze(1))  # [B, 1, C]: channels as the sequence
         return x * self.gate(s).view(x.shape[0], -1, 1, 1)

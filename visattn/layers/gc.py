@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, get_act, reduced_channels, softmax_fp32
+from .._utils import check_channels, check_nchw, get_act, mean_expanded_grad, reduced_channels, softmax_fp32
 from ..registry import register
 
 
@@ -99,7 +99,7 @@ class GlobalContext(nn.Module):
             w = softmax_fp32(self.conv_attn(x).flatten(2), dim=-1)  # [B, 1, HW], softmax over positions
             context = torch.matmul(x.flatten(2), w.transpose(1, 2)).unsqueeze(-1)  # [B, C, 1, 1]
         else:
-            context = x.mean((2, 3), keepdim=True)
+            context = mean_expanded_grad(x, (2, 3), keepdim=True)
         if self.mlp_scale is not None:
             x = x * self.mlp_scale(context).sigmoid()
         if self.mlp_add is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, fused_act_name, get_act, reduced_channels
+from .._utils import check_channels, check_nchw, fused_act_name, get_act, mean_expanded_grad, reduced_channels
 from ..ops import channel_gate
 from ..registry import register
 
@@ -66,5 +66,5 @@ class SqueezeExcite(nn.Module):
         check_nchw(x, self.channels, type(self).__name__)
         if self.fused_act is not None:  # the fused op: Triton on a GPU, the same math in PyTorch elsewhere
             return channel_gate(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, act=self.fused_act)
-        s = x.mean((2, 3), keepdim=True)  # [B, C, 1, 1]
+        s = mean_expanded_grad(x, (2, 3), keepdim=True)  # [B, C, 1, 1]
         return x * self.gate(self.fc2(self.act(self.fc1(s))))

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, get_act, reduced_channels, softmax_fp32
+from .._utils import check_channels, check_nchw, get_act, mean_expanded_grad, reduced_channels, softmax_fp32
 from ..registry import register
 
 
@@ -133,7 +133,7 @@ class SelectiveKernel(nn.Module):
                 f'{type(self).__name__}: the fuse layer normalises over the batch (BatchNorm) and needs a batch of '
                 f'at least 2 in training mode, got shape {tuple(x.shape)}; use eval() for a single image')
         u = [branch(x) for branch in self.branches]  # M × [B, C, H', W']
-        s = sum(f.mean((2, 3), keepdim=True) for f in u)  # GAP(Σ U_m) = Σ GAP(U_m): no full-size sum
+        s = sum(mean_expanded_grad(f, (2, 3), keepdim=True) for f in u)  # GAP(Σ U_m) = Σ GAP(U_m): no full-size sum
         z = self.act(self.bn(self.fc_reduce(s)))  # [B, d, 1, 1]
         a = softmax_fp32(self.fc_select(z).view(x.shape[0], self.num_branches, self.out_channels, 1, 1), dim=1)
         return branch_mix(a.to(u[0].dtype), u)  # V = Σ a_m U_m
