@@ -40,7 +40,8 @@ def linear_attention(
     """Linear attention ``out_i = φ(q_i)·S / (φ(q_i)·z + eps)``, ``S = Σ_j φ(k_j) v_jᵀ``, ``z = Σ_j φ(k_j)``.
 
     The sums run over all j, or over ``j <= i`` when ``causal``. Cost O(N·Dk·Dv), memory O(N·D): no N×N
-    matrix is ever formed (the causal path is chunked, with a running state between chunks).
+    matrix is ever formed (the causal path is chunked: the masked product inside a chunk plus the summed state of
+    the chunks before it, all chunks in parallel on the Triton path).
 
     Args:
         q, k: [B, H, N, Dk]. Already feature-mapped (non-negative) unless ``feature_map`` is given.

@@ -2,8 +2,8 @@
 
 ``out_i = φ(q_i)·S / (φ(q_i)·z + eps)`` with ``S = Σ_j φ(k_j) v_jᵀ`` and ``z = Σ_j φ(k_j)`` (``j <= i`` when
 causal). ``q`` and ``k`` arrive with φ already applied. Non-causal: one pass (state, then q·state). Causal:
-chunked, the masked product inside each chunk plus a running state carried from the previous chunks, so
-that nothing N×N is formed. Accumulates in float32 and returns the inputs' dtype.
+chunked, the masked product inside each chunk plus the state of the chunks before it (an exclusive cumulative sum
+of the chunk states), so that nothing N×N is formed. Accumulates in float32 and returns the inputs' dtype.
 """
 
 from __future__ import annotations

@@ -1,12 +1,25 @@
 """Triton path of ``linear_attention``: kernels and the autograd.Function.
 
-Non-causal: ``_state_kernel`` sums ``S = Σ_n k_n v_nᵀ`` and ``z = Σ_n k_n`` (split over N across programs,
-float32 atomic adds), then ``_apply_fwd_kernel`` writes ``out = q S / (q·z + eps)`` block by block. Causal:
-``_causal_fwd_kernel`` walks the chunks of one (batch, head) in order, the masked q kᵀ product inside a chunk
-plus the running state of the chunks before it. The backward mirrors both: for the non-causal case the same
-state kernel sums ``dS = Σ q dnumᵀ``, ``dz = Σ q dden`` and ``_apply_bwd_kernel`` writes dq, dk, dv; for the
-causal case one forward walk writes dq and one reverse walk writes dk, dv. All products accumulate in float32;
-the normaliser ``den = q·z + eps`` is saved per query.
+The N axis of each (batch, head) is cut into chunks of whole ``BLOCK_N`` tiles, one program per (batch·head,
+chunk). ``_state_kernel`` writes each chunk's own state ``S_c = Σ_{n in c} k_n v_nᵀ``, ``z_c = Σ_{n in c} k_n``
+into a float32 buffer ``[B·H, C, BLOCK_DK, BLOCK_DV]`` (+ ``[B·H, C, BLOCK_DK]``). Non-causal: the chunk states
+are summed (PyTorch) and ``_apply_fwd_kernel`` writes ``out = q S / (q·z + eps)`` tile by tile. Causal (the
+chunkwise form of Katharopoulos et al., arXiv:2006.16236, as in GLA, arXiv:2312.06635): an exclusive prefix sum
+over the chunks (``torch.cumsum``) gives the state before each chunk, and ``_chunk_fwd_kernel`` runs every chunk in
+parallel, ``out = (q S_prev + masked(q kᵀ) v) / (q·z_prev + rowsum(masked(q kᵀ)) + eps)`` tile by tile, adding
+each tile's own ``kᵀv`` to the state for the next tile of its chunk. The normaliser ``den`` is saved per query.
+
+The backward mirrors both. ``_state_kernel`` writes per chunk ``dS_c = Σ q dnumᵀ``, ``dz_c = Σ dden q``
+(``dnum = do / den``, ``dden = -do·out / den``). Non-causal: summed, then ``_apply_bwd_kernel`` writes dq, dk, dv.
+Causal: ``_chunk_bwd_dq_kernel`` reads the prefix states saved by the forward; an exclusive suffix sum of the
+chunks' ``dS``, ``dz`` (the queries after each chunk) feeds ``_chunk_bwd_dkdv_kernel``, which walks its chunk's
+tiles last to first. Every product accumulates in float32.
+
+Chunks: ``_num_splits`` gives enough per (batch, head) that B·H·C programs fill a GPU (``_PROGRAMS``, two per SM
+of an H100), at most one per tile. So the state buffer is at most ``(_PROGRAMS + B·H)·BLOCK_DK·BLOCK_DV`` floats
+whatever N is: ≤ 4.3 MB + 16 KB·B·H at Dk = Dv = 64, ≤ 17 MB + 64 KB·B·H at 128; the causal forward saves its
+prefix states for the backward, which holds a few such buffers at once (chunk states, suffix sums). With many
+(batch, head) pairs C is 1 and each program walks its whole sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +31,8 @@ from torch import Tensor
 
 from .._dispatch import bf16_via_fp32, interpret_mode, tile_rows
 from .._triton_utils import load_rows, store_rows
+
+_PROGRAMS = 264  # programs that fill an H100's 132 SMs twice
 
 
 @triton.jit
@@ -40,19 +55,31 @@ def _grads_of_normalised(DO, Out, DEN, bh, rows, dv, N, DV):
 
 
 @triton.jit
+def _state_offsets(slot, da, db, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
+    # offsets of state ``slot`` in the float32 buffers S [*, BLOCK_DA, BLOCK_DB] and Z [*, BLOCK_DA]
+    return slot * BLOCK_DA * BLOCK_DB + da[:, None] * BLOCK_DB + db[None, :], slot * BLOCK_DA + da
+
+
+@triton.jit
+def _chunk_slot():
+    # grid (B·H, C): the slot [B·H, C] of this program's chunk in a state buffer
+    return tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+
+
+@triton.jit
 def _state_kernel(
         A, B, Out, DEN, S, Z, N, DA, DB, ROWS_PER_PROG,
         BWD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
 ):
-    # forward (A = k, B = v): S += Aᵀ B, Z += Σ A; backward (A = q, B = do): S += Aᵀ dnum, Z += Aᵀ dden
+    # grid (B·H, C), a chunk of ROWS_PER_PROG rows each; forward (A = k, B = v): S_c = Aᵀ B, Z_c = Σ A;
+    # backward (A = q, B = do): S_c = Aᵀ dnum, Z_c = Aᵀ dden
     bh = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
     da = tl.arange(0, BLOCK_DA)
     db = tl.arange(0, BLOCK_DB)
     s = tl.zeros([BLOCK_DA, BLOCK_DB], tl.float32)
     z = tl.zeros([BLOCK_DA], tl.float32)
-    lo = split * ROWS_PER_PROG
-    for start in range(lo, lo + ROWS_PER_PROG, BLOCK_N):
+    lo = tl.program_id(1) * ROWS_PER_PROG
+    for start in range(lo, tl.minimum(lo + ROWS_PER_PROG, N), BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         a = _load_rows(A, bh * N * DA, rows, da, N, DA)
         if BWD:
@@ -62,8 +89,9 @@ def _state_kernel(
             b = _load_rows(B, bh * N * DB, rows, db, N, DB)
             z += tl.sum(a, 0)
         s += tl.dot(tl.trans(a), b)
-    tl.atomic_add(S + bh * BLOCK_DA * BLOCK_DB + da[:, None] * BLOCK_DB + db[None, :], s)
-    tl.atomic_add(Z + bh * BLOCK_DA + da, z)
+    at_s, at_z = _state_offsets(_chunk_slot(), da, db, BLOCK_DA, BLOCK_DB)
+    tl.store(S + at_s, s)
+    tl.store(Z + at_z, z)
 
 
 @triton.jit
@@ -76,9 +104,9 @@ def _apply_fwd_kernel(
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     q = _load_rows(Q, bh * N * DK, rows, dk, N, DK)
-    s = tl.load(S + bh * BLOCK_DK * BLOCK_DV + dk[:, None] * BLOCK_DV + dv[None, :])
-    z = tl.load(Z + bh * BLOCK_DK + dk)
-    den = tl.sum(q * z[None, :], 1) + eps
+    at_s, at_z = _state_offsets(bh, dk, dv, BLOCK_DK, BLOCK_DV)
+    s = tl.load(S + at_s)
+    den = tl.sum(q * tl.load(Z + at_z)[None, :], 1) + eps
     _store_rows(Out, bh * N * DV, rows, dv, N, DV, tl.dot(q, s) / den[:, None])
     tl.store(DEN + bh * N + rows, den, mask=rows < N)
 
@@ -93,11 +121,11 @@ def _apply_bwd_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    state = bh * BLOCK_DK * BLOCK_DV + dk[:, None] * BLOCK_DV + dv[None, :]
-    s = tl.load(S + state)
-    ds = tl.load(DS + state)
-    z = tl.load(Z + bh * BLOCK_DK + dk)
-    dz = tl.load(DZ + bh * BLOCK_DK + dk)
+    at_s, at_z = _state_offsets(bh, dk, dv, BLOCK_DK, BLOCK_DV)
+    s = tl.load(S + at_s)
+    ds = tl.load(DS + at_s)
+    z = tl.load(Z + at_z)
+    dz = tl.load(DZ + at_z)
     dnum, dden = _grads_of_normalised(DO, Out, DEN, bh, rows, dv, N, DV)
     k = _load_rows(K, bh * N * DK, rows, dk, N, DK)
     v = _load_rows(V, bh * N * DV, rows, dv, N, DV)
@@ -107,16 +135,19 @@ def _apply_bwd_kernel(
 
 
 @triton.jit
-def _causal_fwd_kernel(
-        Q, K, V, Out, DEN, N, DK, DV, eps,
+def _chunk_fwd_kernel(
+        Q, K, V, S, Z, Out, DEN, N, DK, DV, ROWS_PER_PROG, eps,
         BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    # grid (B·H, C); S, Z: the state of the chunks before this one, then this chunk's own tiles in order
     bh = tl.program_id(0).to(tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    s = tl.zeros([BLOCK_DK, BLOCK_DV], tl.float32)
-    z = tl.zeros([BLOCK_DK], tl.float32)
-    for start in range(0, N, BLOCK_N):
+    at_s, at_z = _state_offsets(_chunk_slot(), dk, dv, BLOCK_DK, BLOCK_DV)
+    s = tl.load(S + at_s)
+    z = tl.load(Z + at_z)
+    lo = tl.program_id(1) * ROWS_PER_PROG
+    for start in range(lo, tl.minimum(lo + ROWS_PER_PROG, N), BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         q = _load_rows(Q, bh * N * DK, rows, dk, N, DK)
         k = _load_rows(K, bh * N * DK, rows, dk, N, DK)
@@ -130,17 +161,20 @@ def _causal_fwd_kernel(
 
 
 @triton.jit
-def _causal_bwd_dq_kernel(
-        K, V, DO, Out, DEN, DQ, N, DK, DV,
+def _chunk_bwd_dq_kernel(
+        K, V, DO, Out, DEN, S, Z, DQ, N, DK, DV, ROWS_PER_PROG,
         BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # dq_i = dnum_i S_prevᵀ + dden_i z_prev + Σ_{j in chunk, j <= i} (dnum_i·v_j + dden_i) k_j
+    # grid (B·H, C); S, Z: the forward's state before this chunk, then its tiles in order:
+    # dq_i = dnum_i S_prevᵀ + dden_i z_prev + Σ_{j in tile, j <= i} (dnum_i·v_j + dden_i) k_j
     bh = tl.program_id(0).to(tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    s = tl.zeros([BLOCK_DK, BLOCK_DV], tl.float32)
-    z = tl.zeros([BLOCK_DK], tl.float32)
-    for start in range(0, N, BLOCK_N):
+    at_s, at_z = _state_offsets(_chunk_slot(), dk, dv, BLOCK_DK, BLOCK_DV)
+    s = tl.load(S + at_s)
+    z = tl.load(Z + at_z)
+    lo = tl.program_id(1) * ROWS_PER_PROG
+    for start in range(lo, tl.minimum(lo + ROWS_PER_PROG, N), BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         k = _load_rows(K, bh * N * DK, rows, dk, N, DK)
         v = _load_rows(V, bh * N * DV, rows, dv, N, DV)
@@ -153,20 +187,22 @@ def _causal_bwd_dq_kernel(
 
 
 @triton.jit
-def _causal_bwd_dkdv_kernel(
-        Q, K, V, DO, Out, DEN, DKg, DVg, N, DK, DV,
+def _chunk_bwd_dkdv_kernel(
+        Q, K, V, DO, Out, DEN, DS, DZ, DKg, DVg, N, DK, DV, ROWS_PER_PROG,
         BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # reverse walk with dS = Σ_{later i} q_i dnum_iᵀ, dz = Σ_{later i} dden_i q_i:
-    # dk_j = dS v_j + dz + Σ_{i in chunk, i >= j} dA_ij q_i, dv_j = dSᵀ k_j + Σ_{i in chunk, i >= j} A_ij dnum_i
+    # grid (B·H, C); DS = Σ q_i dnum_iᵀ, DZ = Σ dden_i q_i over the queries after this chunk, then its tiles last
+    # to first: dk_j = dS v_j + dz + Σ_{i in tile, i >= j} dA_ij q_i, dv_j = dSᵀ k_j + Σ_{i in tile, i >= j} A_ij dnum_i
     bh = tl.program_id(0).to(tl.int64)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    ds = tl.zeros([BLOCK_DK, BLOCK_DV], tl.float32)
-    dz = tl.zeros([BLOCK_DK], tl.float32)
-    n_chunks = tl.cdiv(N, BLOCK_N)
-    for c in range(0, n_chunks):
-        rows = (n_chunks - 1 - c) * BLOCK_N + tl.arange(0, BLOCK_N)
+    at_s, at_z = _state_offsets(_chunk_slot(), dk, dv, BLOCK_DK, BLOCK_DV)
+    ds = tl.load(DS + at_s)
+    dz = tl.load(DZ + at_z)
+    lo = tl.program_id(1) * ROWS_PER_PROG
+    n_tiles = tl.cdiv(tl.minimum(ROWS_PER_PROG, N - lo), BLOCK_N)
+    for t in range(0, n_tiles):
+        rows = lo + (n_tiles - 1 - t) * BLOCK_N + tl.arange(0, BLOCK_N)
         q = _load_rows(Q, bh * N * DK, rows, dk, N, DK)
         k = _load_rows(K, bh * N * DK, rows, dk, N, DK)
         v = _load_rows(V, bh * N * DV, rows, dv, N, DV)
@@ -188,25 +224,40 @@ def _cfg(n: int, dk: int, dv: int) -> dict:
 
 
 def _num_splits(n: int, bh: int, block_n: int) -> int:
-    """Programs that share the N axis of one state sum, so that (batch, head) pairs alone need not fill a GPU
-    (one in the interpreter)."""
-    return 1 if interpret_mode() else max(1, min(triton.cdiv(n, 4 * block_n), triton.cdiv(264, bh)))
+    """Chunks of the N axis of one (batch, head): enough that B·H·chunks programs fill a GPU (``_PROGRAMS``), at
+    most one per tile (one in the interpreter)."""
+    return 1 if interpret_mode() else max(1, min(triton.cdiv(n, block_n), triton.cdiv(_PROGRAMS, bh)))
 
 
-def _state(a: Tensor, b: Tensor, out: Tensor | None, den: Tensor | None, cfg: dict) -> tuple[Tensor, Tensor]:
-    """``(Σ_n a_n b_nᵀ, Σ_n a_n)`` (forward) or ``(Σ q dnumᵀ, Σ q dden)`` (backward, ``out`` given): float32,
-    padded to the blocks."""
+def _chunk_rows(n: int, bh: int, block_n: int) -> int:
+    """Rows of one chunk: whole ``block_n`` tiles (one at least), at most ``_num_splits`` chunks (fewer where tiles
+    round up)."""
+    return max(1, triton.cdiv(triton.cdiv(n, _num_splits(n, bh, block_n)), block_n)) * block_n
+
+
+def _chunk_states(a: Tensor, b: Tensor, out: Tensor | None, den: Tensor | None, rows: int,
+                  cfg: dict) -> tuple[Tensor, Tensor]:
+    """Each chunk's ``(Σ_n a_n b_nᵀ, Σ_n a_n)`` (forward) or ``(Σ q dnumᵀ, Σ dden q)`` (backward, ``out`` given), over
+    chunks of ``rows`` rows: float32 [B·H, C, BLOCK_DA, BLOCK_DB] and [B·H, C, BLOCK_DA], zero in the padding."""
     bh, n, da = a.shape
+    chunks = max(1, triton.cdiv(n, rows))  # N = 0: one empty chunk, zero states
     block_a, block_b = cfg['BLOCK_DK'], cfg['BLOCK_DV']
-    s = torch.zeros(bh, block_a, block_b, device=a.device, dtype=torch.float32)
-    z = torch.zeros(bh, block_a, device=a.device, dtype=torch.float32)
-    splits = _num_splits(n, bh, cfg['BLOCK_N'])
-    rows = triton.cdiv(triton.cdiv(n, splits), cfg['BLOCK_N']) * cfg['BLOCK_N']
+    s = torch.empty(bh, chunks, block_a, block_b, device=a.device, dtype=torch.float32)
+    z = torch.empty(bh, chunks, block_a, device=a.device, dtype=torch.float32)
     bwd = out is not None
-    _state_kernel[(bh, triton.cdiv(n, rows))](
+    _state_kernel[(bh, chunks)](
         A=a, B=b, Out=out if bwd else b, DEN=den if bwd else z, S=s, Z=z, N=n, DA=da, DB=b.shape[-1],
         ROWS_PER_PROG=rows, BWD=bwd, BLOCK_N=cfg['BLOCK_N'], BLOCK_DA=block_a, BLOCK_DB=block_b)
     return s, z
+
+
+def _exclusive_cumsum(x: Tensor, reverse: bool = False) -> Tensor:
+    """Sum of the chunk states ``x`` [B·H, C, ...] over the chunks before each chunk (after it when ``reverse``)."""
+    if reverse:
+        return _exclusive_cumsum(x.flip(1)).flip(1)
+    out = torch.zeros_like(x)
+    torch.cumsum(x[:, :-1], 1, out=out[:, 1:])
+    return out
 
 
 class LinearAttnFn(torch.autograd.Function):
@@ -219,17 +270,20 @@ class LinearAttnFn(torch.autograd.Function):
         # [B, H, N, D] -> [B·H, N, D]
         q, k, v = (t.contiguous().view(b * h, n, t.shape[-1]) for t in (q, k, v))
         cfg = _cfg(n, dk, dv)
+        rows = _chunk_rows(n, b * h, cfg['BLOCK_N'])
         out = torch.empty_like(v)
         den = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
+        s, z = _chunk_states(k, v, None, None, rows, cfg)
         if causal:
-            _causal_fwd_kernel[(b * h,)](Q=q, K=k, V=v, Out=out, DEN=den, N=n, DK=dk, DV=dv, eps=eps, **cfg)
-            s = z = None
+            s, z = _exclusive_cumsum(s), _exclusive_cumsum(z)
+            _chunk_fwd_kernel[s.shape[:2]](Q=q, K=k, V=v, S=s, Z=z, Out=out, DEN=den, N=n, DK=dk, DV=dv,
+                                           ROWS_PER_PROG=rows, eps=eps, **cfg)
         else:
-            s, z = _state(k, v, None, None, cfg)
+            s, z = s.sum(1), z.sum(1)
             grid = (triton.cdiv(n, cfg['BLOCK_N']), b * h)
             _apply_fwd_kernel[grid](Q=q, S=s, Z=z, Out=out, DEN=den, N=n, DK=dk, DV=dv, eps=eps, **cfg)
         ctx.save_for_backward(q, k, v, out, den, s, z)
-        ctx.causal, ctx.cfg, ctx.shape = causal, cfg, (b, h)
+        ctx.causal, ctx.cfg, ctx.rows, ctx.shape = causal, cfg, rows, (b, h)
         return out.view(b, h, n, dv)
 
     @staticmethod
@@ -241,11 +295,15 @@ class LinearAttnFn(torch.autograd.Function):
         do = grad.contiguous().view(bh, n, dv)
         dq, dkg, dvg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = dict(DO=do, Out=out, DEN=den, N=n, DK=dk, DV=dv, **cfg)
+        ds, dz = _chunk_states(q, do, out, den, ctx.rows, cfg)
         if ctx.causal:
-            _causal_bwd_dq_kernel[(bh,)](K=k, V=v, DQ=dq, **common)
-            _causal_bwd_dkdv_kernel[(bh,)](Q=q, K=k, V=v, DKg=dkg, DVg=dvg, **common)
+            grid = s.shape[:2]
+            _chunk_bwd_dq_kernel[grid](K=k, V=v, S=s, Z=z, DQ=dq, ROWS_PER_PROG=ctx.rows, **common)
+            ds, dz = _exclusive_cumsum(ds, reverse=True), _exclusive_cumsum(dz, reverse=True)
+            _chunk_bwd_dkdv_kernel[grid](Q=q, K=k, V=v, DS=ds, DZ=dz, DKg=dkg, DVg=dvg, ROWS_PER_PROG=ctx.rows,
+                                         **common)
         else:
-            ds, dz = _state(q, do, out, den, cfg)
+            ds, dz = ds.sum(1), dz.sum(1)
             grid = (triton.cdiv(n, cfg['BLOCK_N']), bh)
             _apply_bwd_kernel[grid](K=k, V=v, S=s, Z=z, DS=ds, DZ=dz, DQ=dq, DKg=dkg, DVg=dvg, **common)
         b, h = ctx.shape

@@ -1,0 +1,56 @@
+"""The chunk-parallel causal path of ``linear_attention``'s Triton kernels, in the interpreter: 16-row tiles and
+chunks of one or two tiles, so that the prefix states (forward, dq) and suffix states (dk, dv) between chunks and
+the running state between the tiles of a chunk all count; N not a multiple of the chunk, Dk ≠ Dv."""
+
+import pytest
+import torch
+
+import visattn.ops as ops
+
+triton = pytest.importorskip('triton')
+
+from _compare import check_against_torch  # noqa: E402
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """``small_chunks(tiles)``: 16-row tiles, chunks of ``tiles`` tiles (the last one shorter where N ends first)."""
+    from visattn.ops.linear import triton as lin
+
+    cfg = lin._cfg
+
+    def set_tiles(tiles):
+        monkeypatch.setattr(lin, '_cfg', lambda n, dk, dv: {**cfg(n, dk, dv), 'BLOCK_N': 16})
+        monkeypatch.setattr(lin, '_num_splits', lambda n, bh, block_n: triton.cdiv(n, tiles * block_n))
+        assert lin._chunk_rows(50, 6, 16) == lin._chunk_rows(64, 6, 16) == 16 * tiles
+
+    return set_tiles
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('tiles', [1, 2])
+@pytest.mark.parametrize('n', [50, 64])
+def test_causal_chunks_match_torch(n, tiles, dtype, small_chunks, poison_empty, grads_of):
+    small_chunks(tiles)
+    torch.manual_seed(42)
+    q, k = torch.rand(2, 2, 3, n, 12).unbind(0)  # non-negative features, as after φ
+    v = torch.randn(2, 3, n, 20)
+    check_against_torch(lambda *a, backend: ops.linear_attention(*a, causal=True, backend=backend), [q, k, v],
+                        dtype, grads_of, grad_scale=4)
+
+
+def test_causal_chunks_with_feature_map_and_eps(small_chunks, poison_empty, grads_of):
+    small_chunks(1)
+    torch.manual_seed(42)
+    q, k = torch.randn(2, 1, 2, 50, 24).unbind(0)
+    v = torch.randn(1, 2, 50, 9)
+    check_against_torch(lambda *a, backend: ops.linear_attention(*a, causal=True, feature_map='elu+1', eps=1e-2,
+                                                                 backend=backend),
+                        [q, k, v], torch.float32, grads_of)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_empty_sequence(causal, poison_empty, grads_of):
+    q, k, v = torch.rand(3, 1, 2, 0, 4).unbind(0)
+    check_against_torch(lambda *a, backend: ops.linear_attention(*a, causal=causal, backend=backend), [q, k, v],
+                        torch.float32, grads_of)
