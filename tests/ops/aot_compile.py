@@ -48,8 +48,8 @@ def signature(fn, consts: dict, dtype: str) -> dict:
 
 def cases():
     for dtype in ('bf16', 'fp16', 'fp32'):
+        size = {'bf16': 2, 'fp16': 2, 'fp32': 4}[dtype]
         for d in (64, 128):
-            size = {'bf16': 2, 'fp16': 2, 'fp32': 4}[dtype]
             block = triton.next_power_of_2(d)
             tile = dict(BLOCK_DK=block, BLOCK_DV=block)
             rows = local.tile_rows(block, block, size)
@@ -61,7 +61,6 @@ def cases():
                 yield fn, dict(BLOCK_N=rows, **tile), dtype
             for bwd in (False, True):
                 yield linear._state_kernel, dict(BWD=bwd, BLOCK_N=rows, BLOCK_DA=block, BLOCK_DB=block), dtype
-        size = {'bf16': 2, 'fp16': 2, 'fp32': 4}[dtype]
         for column in (False, True):  # CCNet's heads: q, k of 64 channels, v of 512, rows and columns of 97
             for fn in (cc._cc_fwd_kernel, cc._cc_bwd_dq_kernel, cc._cc_bwd_dk_kernel, cc._cc_bwd_dv_kernel):
                 yield fn, dict(COLUMN=column, **cc.blocks(97, 64, 512, size)), dtype

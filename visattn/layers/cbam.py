@@ -29,7 +29,7 @@ from .._utils import (
 )
 from ..ops import channel_gate
 from ..ops._dispatch import resolve_backend
-from ..ops.channel_gate import mlp_logits, pool_nchw
+from ..ops.channel_gate import gate_vector
 from ..registry import register
 
 
@@ -74,8 +74,8 @@ class ChannelGate(nn.Module):
         if self.fused_act is not None:  # the fused op: Triton on a GPU, the same math in PyTorch elsewhere
             weights = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
             if inplace and not needs_grad(x, *weights) and resolve_backend('auto', x, op='channel_gate') == 'torch':
-                logits = mlp_logits(*pool_nchw(x, 'avgmax'), *weights, act=self.fused_act)
-                return x.mul_(torch.sigmoid(logits)[:, :, None, None])  # float32 gate, rounded once into x's dtype
+                gate = gate_vector(x, 'avgmax', 'mlp', self.fused_act, *weights)[0]
+                return x.mul_(gate[:, :, None, None])  # float32 gate, rounded once into x's dtype
             return channel_gate(x, *weights, pool='avgmax', act=self.fused_act)
         pooled = torch.cat([mean_expanded_grad(x, (2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])  # [2B, C, 1, 1]
         avg, mx = self.fc2(self.act(self.fc1(pooled))).chunk(2)

@@ -20,10 +20,19 @@ from __future__ import annotations
 from torch import Tensor
 
 from .._dispatch import check_tensor, resolve_backend
-from .naive import ACTS, POOLS, channel_gate_naive, eca_gate_naive, eca_logits, mlp_logits, pool_nchw
+from .naive import (
+    ACTS,
+    POOLS,
+    channel_gate_naive,
+    eca_gate_naive,
+    eca_logits,
+    gate_vector,
+    mlp_logits,
+    pool_nchw,
+)
 
-__all__ = ['channel_gate', 'eca_gate', 'channel_gate_naive', 'eca_gate_naive', 'mlp_logits', 'eca_logits',
-           'pool_nchw']
+__all__ = ['channel_gate', 'eca_gate', 'channel_gate_naive', 'eca_gate_naive', 'gate_vector', 'mlp_logits',
+           'eca_logits', 'pool_nchw']
 
 
 def _check_param(t: Tensor | None, name: str, op: str, shapes: tuple[tuple[int, ...], ...], x: Tensor,

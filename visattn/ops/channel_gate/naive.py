@@ -71,18 +71,23 @@ def excite_backward(excite: Callable[..., Tensor], avg: Tensor | None, mx: Tenso
     return upcast(logits.detach()), [next(grads) if t is not None else None for t in inputs]
 
 
+def gate_vector(x: Tensor, pool: str, kind: str, act: str,
+                *params: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The gate ``σ(excite(pool(x)))`` [B, C] in at least float32, with the pooled vectors it used."""
+    avg, mx = pool_nchw(x, pool)
+    return torch.sigmoid(excite_fn(kind, act)(avg, mx, *params)), avg, mx
+
+
 class GateFn(torch.autograd.Function):
     """``x · σ(excite(pool(x)))`` on [B, C, H, W], the PyTorch path under autograd (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, pool: str, kind: str, act: str, *params: Tensor | None) -> Tensor:
         xf = upcast(x)
-        avg, mx = pool_nchw(xf, pool)
-        excite = excite_fn(kind, act)
-        gate = torch.sigmoid(excite(avg, mx, *params))
+        gate, avg, mx = gate_vector(xf, pool, kind, act, *params)
         ctx.save_for_backward(x, *(t if t is not None else torch.empty(0) for t in (avg, mx)), *params)
         ctx.none = (avg is None, mx is None, *(p is None for p in params))
-        ctx.excite = excite
+        ctx.excite = excite_fn(kind, act)
         return (xf * gate[:, :, None, None]).to(x.dtype)
 
     @staticmethod
@@ -106,8 +111,7 @@ def _gate(x: Tensor, pool: str, kind: str, act: str, *params: Tensor | None) -> 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
         return GateFn.apply(x, pool, kind, act, *params)
     xf = upcast(x)
-    gate = torch.sigmoid(excite_fn(kind, act)(*pool_nchw(xf, pool), *params))
-    return (xf * gate[:, :, None, None]).to(x.dtype)
+    return (xf * gate_vector(xf, pool, kind, act, *params)[0][:, :, None, None]).to(x.dtype)
 
 
 def channel_gate_naive(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,

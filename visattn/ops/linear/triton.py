@@ -135,18 +135,22 @@ def _apply_bwd_kernel(
 
 
 @triton.jit
+def _chunk_start(S, Z, ROWS_PER_PROG, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # grid (B·H, C): the program's (batch, head), head-dim ranges, the state stored for its chunk and its first row
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    at_s, at_z = _state_offsets(_chunk_slot(), dk, dv, BLOCK_DK, BLOCK_DV)
+    bh = tl.program_id(0).to(tl.int64)
+    return bh, dk, dv, tl.load(S + at_s), tl.load(Z + at_z), tl.program_id(1) * ROWS_PER_PROG
+
+
+@triton.jit
 def _chunk_fwd_kernel(
         Q, K, V, S, Z, Out, DEN, N, DK, DV, ROWS_PER_PROG, eps,
         BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # grid (B·H, C); S, Z: the state of the chunks before this one, then this chunk's own tiles in order
-    bh = tl.program_id(0).to(tl.int64)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    at_s, at_z = _state_offsets(_chunk_slot(), dk, dv, BLOCK_DK, BLOCK_DV)
-    s = tl.load(S + at_s)
-    z = tl.load(Z + at_z)
-    lo = tl.program_id(1) * ROWS_PER_PROG
+    bh, dk, dv, s, z, lo = _chunk_start(S, Z, ROWS_PER_PROG, BLOCK_DK, BLOCK_DV)
     for start in range(lo, tl.minimum(lo + ROWS_PER_PROG, N), BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         q = _load_rows(Q, bh * N * DK, rows, dk, N, DK)
@@ -167,13 +171,7 @@ def _chunk_bwd_dq_kernel(
 ):
     # grid (B·H, C); S, Z: the forward's state before this chunk, then its tiles in order:
     # dq_i = dnum_i S_prevᵀ + dden_i z_prev + Σ_{j in tile, j <= i} (dnum_i·v_j + dden_i) k_j
-    bh = tl.program_id(0).to(tl.int64)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    at_s, at_z = _state_offsets(_chunk_slot(), dk, dv, BLOCK_DK, BLOCK_DV)
-    s = tl.load(S + at_s)
-    z = tl.load(Z + at_z)
-    lo = tl.program_id(1) * ROWS_PER_PROG
+    bh, dk, dv, s, z, lo = _chunk_start(S, Z, ROWS_PER_PROG, BLOCK_DK, BLOCK_DV)
     for start in range(lo, tl.minimum(lo + ROWS_PER_PROG, N), BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         k = _load_rows(K, bh * N * DK, rows, dk, N, DK)
@@ -193,13 +191,7 @@ def _chunk_bwd_dkdv_kernel(
 ):
     # grid (B·H, C); DS = Σ q_i dnum_iᵀ, DZ = Σ dden_i q_i over the queries after this chunk, then its tiles last
     # to first: dk_j = dS v_j + dz + Σ_{i in tile, i >= j} dA_ij q_i, dv_j = dSᵀ k_j + Σ_{i in tile, i >= j} A_ij dnum_i
-    bh = tl.program_id(0).to(tl.int64)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    at_s, at_z = _state_offsets(_chunk_slot(), dk, dv, BLOCK_DK, BLOCK_DV)
-    ds = tl.load(DS + at_s)
-    dz = tl.load(DZ + at_z)
-    lo = tl.program_id(1) * ROWS_PER_PROG
+    bh, dk, dv, ds, dz, lo = _chunk_start(DS, DZ, ROWS_PER_PROG, BLOCK_DK, BLOCK_DV)
     n_tiles = tl.cdiv(tl.minimum(ROWS_PER_PROG, N - lo), BLOCK_N)
     for t in range(0, n_tiles):
         rows = lo + (n_tiles - 1 - t) * BLOCK_N + tl.arange(0, BLOCK_N)
