@@ -45,3 +45,17 @@ def test_query_and_key_tiles_of_different_sizes(block_m, block_n, monkeypatch, p
 def test_a_single_row_or_column_over_several_tiles(hs, ws, monkeypatch, poison_empty, grads_of):
     # Hs = 1: every column pass is empty (only the diagonal); Ws = 1: every row pass holds only the query itself
     check_tiles(monkeypatch, grads_of, (1, 1, hs, ws, 4), 6, torch.float32)
+
+
+def test_backward_value_slices_narrower_than_the_forward(monkeypatch, poison_empty, grads_of):
+    # as on a GPU, dq and dk sum dP = dO·Vᵀ over narrower value slices (2) than the forward and dv kernels use (4)
+    from visattn.ops.criss_cross import triton as cc
+
+    cfgs = cc._kernel_cfgs
+
+    def narrow(tiles, element_size):
+        out = cfgs(tiles, element_size)
+        return dict(out, dqdk=dict(out['dqdk'], BLOCK_DV=2))
+
+    monkeypatch.setattr(cc, '_kernel_cfgs', narrow)
+    check_tiles(monkeypatch, grads_of, (1, 1, 7, 5, 3), 7, torch.float32)

@@ -14,24 +14,32 @@ from _compare import check_against_torch  # noqa: E402
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """``small_chunks(tiles)``: 16-row tiles, chunks of ``tiles`` tiles (the last one shorter where N ends first)."""
+    """``small_chunks(tiles, state_rows=16)``: chunks of ``tiles`` tiles of ``state_rows`` rows (the last chunk shorter
+    where N ends first); the state kernel's tiles have ``state_rows`` rows, the chunk kernels' 16 (as on a GPU, where
+    they walk a chunk in smaller tiles than the state kernel)."""
     from visattn.ops.linear import triton as lin
 
     cfg = lin._cfg
 
-    def set_tiles(tiles):
-        monkeypatch.setattr(lin, '_cfg', lambda n, dk, dv: {**cfg(n, dk, dv), 'BLOCK_N': 16})
+    def set_tiles(tiles, state_rows=16):
+        def small(n, dk, dv):
+            rows = {'tiles': None, 'state': state_rows}
+            return {key: value if key == 'tiles' else dict(value, BLOCK_N=rows.get(key, 16))
+                    for key, value in cfg(n, dk, dv).items()}
+
+        monkeypatch.setattr(lin, '_cfg', small)
         monkeypatch.setattr(lin, '_num_splits', lambda n, bh, block_n: triton.cdiv(n, tiles * block_n))
-        assert lin._chunk_rows(50, 6, 16) == lin._chunk_rows(64, 6, 16) == 16 * tiles
+        chunk = state_rows * tiles
+        assert lin._chunk_rows(50, 6, small(50, 4, 4)) == lin._chunk_rows(64, 6, small(64, 4, 4)) == chunk
 
     return set_tiles
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
-@pytest.mark.parametrize('tiles', [1, 2])
+@pytest.mark.parametrize('tiles,state_rows', [(1, 16), (2, 16), (1, 32)])
 @pytest.mark.parametrize('n', [50, 64])
-def test_causal_chunks_match_torch(n, tiles, dtype, small_chunks, poison_empty, grads_of):
-    small_chunks(tiles)
+def test_causal_chunks_match_torch(n, tiles, state_rows, dtype, small_chunks, poison_empty, grads_of):
+    small_chunks(tiles, state_rows)
     torch.manual_seed(42)
     q, k = torch.rand(2, 2, 3, n, 12).unbind(0)  # non-negative features, as after φ
     v = torch.randn(2, 3, n, 20)

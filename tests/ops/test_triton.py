@@ -45,12 +45,20 @@ def test_local_attention_1d_kernels(window, dilation, causal, dtype, poison_empt
                         [q, k, v], dtype, grads_of)
 
 
-@pytest.mark.parametrize('window,causal,dtype', [(33, False, torch.float32), (33, True, torch.float16),
-                                                (201, False, torch.float32)])
-def test_local_attention_1d_banded_kernels_over_many_tiles(window, causal, dtype, monkeypatch, poison_empty, grads_of):
+@pytest.mark.parametrize('window,causal,dtype,rows', [(33, False, torch.float32, (16, 16)),
+                                                     (33, True, torch.float16, (16, 16)),
+                                                     (201, False, torch.float32, (16, 16)),
+                                                     (33, True, torch.float32, (32, 16))])
+def test_local_attention_1d_banded_kernels_over_many_tiles(window, causal, dtype, rows, monkeypatch, poison_empty,
+                                                           grads_of):
     from visattn.ops.local1d import triton as local_triton
 
-    monkeypatch.setattr(local_triton, 'BLOCK', 16)  # several query and key tiles per band
+    configs = local_triton._configs
+
+    def small(dk, dv, size):  # several query and key tiles per band; forward and backward tiles of ``rows``
+        return tuple(dict(cfg, BLOCK_M=r, BLOCK_N=r) for cfg, r in zip(configs(dk, dv, size), rows))
+
+    monkeypatch.setattr(local_triton, '_configs', small)
     q, k = torch.randn(2, 1, 2, 100, 24).unbind(0)
     v = torch.randn(1, 2, 100, 20)
     check_against_torch(lambda *a, backend: ops.local_attention_1d(*a, window=window, causal=causal,

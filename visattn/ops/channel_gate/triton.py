@@ -135,9 +135,19 @@ def _gate_bwd_kernel(
 
 
 def _blocks(rows: int, hw: int) -> dict:
-    if interpret_mode():  # few, large programs in the interpreter
+    """Tiles of the row-wise kernels (``_row_reduce_kernel``, ``_gate_bwd_kernel``): on a GPU 4 rows of up to 1024
+    positions on 8 warps (on 4, the float16 dot-product reduction spills registers on sm_90); in the interpreter
+    few, large programs."""
+    if interpret_mode():
         return dict(BLOCK_R=min(triton.next_power_of_2(rows), 64), BLOCK_HW=min(triton.next_power_of_2(hw), 256))
-    return dict(BLOCK_R=4, BLOCK_HW=min(triton.next_power_of_2(hw), 1024))
+    return dict(BLOCK_R=4, BLOCK_HW=min(triton.next_power_of_2(hw), 1024), num_warps=8)
+
+
+def _excite_blocks(c: int, cr: int) -> dict:
+    """Tile sizes of ``_excite_mul_kernel``: channels and positions per program, and the widths of the excitation's
+    inputs (up to 64 channels at a time) and hidden layer."""
+    tiles = dict(BLOCK_C=16, BLOCK_HW=256) if interpret_mode() else dict(BLOCK_C=8, BLOCK_HW=512)
+    return dict(tiles, BLOCK_K=min(triton.next_power_of_2(c), 64), BLOCK_CR=triton.next_power_of_2(cr))
 
 
 def _row_reduce(x: Tensor, y: Tensor | None, want_max: bool) -> tuple[Tensor, Tensor | None]:
@@ -174,13 +184,13 @@ class ChannelGateFn(torch.autograd.Function):
             w1, b1, w2, b2 = (p.reshape(p.shape[0], -1).contiguous() if p is not None else None for p in params)
             cr = w1.shape[0]
         y = torch.empty_like(xr)
-        blocks = dict(BLOCK_C=16, BLOCK_HW=256) if interpret_mode() else dict(BLOCK_C=8, BLOCK_HW=512)
+        blocks = _excite_blocks(c, cr)
         _excite_mul_kernel[(triton.cdiv(c, blocks['BLOCK_C']), b)](
             X=xr, AVG=total if avg is None else avg, MAX=total if mx is None else mx, W1=w1,
             B1=total if b1 is None else b1, W2=total if w2 is None else w2, B2=total if b2 is None else b2, Y=y,
             NB=b, C=c, CR=cr, HW=h * w, ECA=kind == 'eca', USE_AVG=use_avg, USE_MAX=use_max,
             HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACT=ACT_CODES[act], KS=w1.numel() if kind == 'eca' else 1,
-            BLOCK_K=min(triton.next_power_of_2(c), 64), BLOCK_CR=triton.next_power_of_2(cr), **blocks)
+            **blocks)
         avg = avg.view(b, c) if use_avg else None
         mx = mx.view(b, c) if use_max else None
         ctx.save_for_backward(xr, *(t if t is not None else torch.empty(0) for t in (avg, mx)), *params)

@@ -209,10 +209,22 @@ def blocks(length: int, dk: int, dv: int, element_size: int) -> dict:
     return dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
 
 
+def _kernel_cfgs(tiles: dict, element_size: int) -> dict:
+    """Launch settings per kernel from the tile sizes ``blocks`` chose: the forward on one warp per 8 query rows (4 at
+    least); the backward kernels on 8 warps, dq and dk summing dP = dO·Vᵀ over value slices of 128 bytes a row (one
+    slice of ``BLOCK_DV`` in the interpreter). None spills registers on sm_90 at CCNet's sizes in any dtype
+    (``benchmarks/kernel_resources.py``); with 4 warps, or slices of ``BLOCK_DV``, dq and dk spill up to 2 KB."""
+    slice_dv = tiles['BLOCK_DV'] if interpret_mode() else min(tiles['BLOCK_DV'], max(16, 128 // element_size))
+    return dict(fwd=dict(tiles, num_warps=max(4, tiles['BLOCK_M'] // 8)),
+                dqdk=dict(tiles, BLOCK_DV=slice_dv, num_warps=8), dv=dict(tiles, num_warps=8))
+
+
 def _passes(bh: int, hs: int, ws: int, dk: int, dv: int, element_size: int) -> list[tuple[bool, int, int, dict]]:
-    """(COLUMN, lines, line length, tile sizes) of the row pass, then the column pass, which adds to it."""
+    """(COLUMN, lines, line length, launch settings per kernel) of the row pass, then the column pass, which adds
+    to it."""
     return [(column, bh * (ws if column else hs), hs if column else ws,
-             blocks(hs if column else ws, dk, dv, element_size)) for column in (False, True)]
+             _kernel_cfgs(blocks(hs if column else ws, dk, dv, element_size), element_size))
+            for column in (False, True)]
 
 
 class CrissCrossAttnFn(torch.autograd.Function):
@@ -227,7 +239,8 @@ class CrissCrossAttnFn(torch.autograd.Function):
         lse_row = torch.empty(b, h, hs, ws, device=q.device, dtype=torch.float32)
         lse = torch.empty_like(lse_row)
         passes = _passes(b * h, hs, ws, dk, dv, q.element_size())
-        for column, lines, length, cfg in passes:
+        for column, lines, length, cfgs in passes:
+            cfg = cfgs['fwd']
             grid = (lines, triton.cdiv(length, cfg['BLOCK_M']), triton.cdiv(dv, cfg['BLOCK_DV']))
             _cc_fwd_kernel[grid](Q=q, K=k, V=v, Out=out, LSE=lse, LSE_ROW=lse_row, HS=hs, WS=ws, DK=dk, DV=dv,
                                  scale=scale, COLUMN=column, **cfg)
@@ -243,14 +256,15 @@ class CrissCrossAttnFn(torch.autograd.Function):
         do = grad.contiguous()
         dq, dkg, dvg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty_like(lse)
-        for column, lines, length, cfg in ctx.passes:
-            args = dict(HS=hs, WS=ws, DK=dk, DV=dv, scale=ctx.scale, COLUMN=column, **cfg)
-            _cc_bwd_dq_kernel[(lines, triton.cdiv(length, cfg['BLOCK_M']))](
-                Q=q, K=k, V=v, Out=out, DO=do, LSE=lse, DELTA=delta, DQ=dq, **args)
-            _cc_bwd_dk_kernel[(lines, triton.cdiv(length, cfg['BLOCK_N']))](
-                Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DKg=dkg, **args)
-            _cc_bwd_dv_kernel[(lines, triton.cdiv(length, cfg['BLOCK_N']), triton.cdiv(dv, cfg['BLOCK_DV']))](
-                Q=q, K=k, DO=do, LSE=lse, DVg=dvg, **args)
+        for column, lines, length, cfgs in ctx.passes:
+            args = dict(HS=hs, WS=ws, DK=dk, DV=dv, scale=ctx.scale, COLUMN=column)
+            dqdk, dvc = cfgs['dqdk'], cfgs['dv']
+            _cc_bwd_dq_kernel[(lines, triton.cdiv(length, dqdk['BLOCK_M']))](
+                Q=q, K=k, V=v, Out=out, DO=do, LSE=lse, DELTA=delta, DQ=dq, **args, **dqdk)
+            _cc_bwd_dk_kernel[(lines, triton.cdiv(length, dqdk['BLOCK_N']))](
+                Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DKg=dkg, **args, **dqdk)
+            _cc_bwd_dv_kernel[(lines, triton.cdiv(length, dvc['BLOCK_N']), triton.cdiv(dv, dvc['BLOCK_DV']))](
+                Q=q, K=k, DO=do, LSE=lse, DVg=dvg, **args, **dvc)
         return dq, dkg, dvg, None
 
 

@@ -246,8 +246,10 @@ BLOCK: int | None = None  # rows of the query and key tiles; None: chosen from t
 
 
 def _config(dk: int, dv: int, element_size: int, block_size: int, halo_size: int, stride: int) -> dict:
-    """Tile sizes: on a GPU ``tile_rows`` (at most the block's queries); in the interpreter, which pays per program
-    and per loop step, one tile per query block and per window where it can."""
+    """Tile sizes and warps: on a GPU ``tile_rows`` (at most the block's queries) on 8 warps, on which no kernel
+    spills registers on sm_90 in 16-bit dtypes at HaloNet's sizes (with 4 warps the forward sits at 255 registers
+    and the backward spills; ``benchmarks/kernel_resources.py``); in the interpreter, which pays per program and per
+    loop step, one tile per query block and per window where it can."""
     block_dk, block_dv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
     win, bq = block_size + 2 * halo_size, block_size // stride
     fit_q, fit_k = max(16, triton.next_power_of_2(bq * bq)), max(16, triton.next_power_of_2(win * win))
@@ -261,7 +263,7 @@ def _config(dk: int, dv: int, element_size: int, block_size: int, halo_size: int
     return dict(BS=block_size, HALO=halo_size, STRIDE=stride, QTILES=triton.cdiv(bq * bq, rows_q),
                 KTILES=triton.cdiv(block_size * block_size, rows_k), BLOCK_Q=rows_q, BLOCK_K=rows_k,
                 BLOCK_DK=block_dk, BLOCK_DV=block_dv, WIN_P=max(16, triton.next_power_of_2(win)),
-                SPAN_P=max(16, triton.next_power_of_2(2 * win - 1)))
+                SPAN_P=max(16, triton.next_power_of_2(2 * win - 1)), num_warps=8)
 
 
 class HaloAttnFn(torch.autograd.Function):

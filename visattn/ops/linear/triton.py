@@ -10,8 +10,9 @@ parallel, ``out = (q S_prev + masked(q kᵀ) v) / (q·z_prev + rowsum(masked(q k
 each tile's own ``kᵀv`` to the state for the next tile of its chunk. The normaliser ``den`` is saved per query.
 
 The backward mirrors both. ``_state_kernel`` writes per chunk ``dS_c = Σ q dnumᵀ``, ``dz_c = Σ dden q``
-(``dnum = do / den``, ``dden = -do·out / den``). Non-causal: summed, then ``_apply_bwd_kernel`` writes dq, dk, dv.
-Causal: ``_chunk_bwd_dq_kernel`` reads the prefix states saved by the forward; an exclusive suffix sum of the
+(``dnum = do / den``, ``dden = -do·out / den``). Non-causal: summed, then ``_apply_bwd_dq_kernel`` writes dq
+(from S, z) and ``_apply_bwd_dkdv_kernel`` dk, dv (from dS, dz), so that neither holds two states. Causal:
+``_chunk_bwd_dq_kernel`` reads the prefix states saved by the forward; an exclusive suffix sum of the
 chunks' ``dS``, ``dz`` (the queries after each chunk) feeds ``_chunk_bwd_dkdv_kernel``, which walks its chunk's
 tiles last to first. Every product accumulates in float32.
 
@@ -95,16 +96,22 @@ def _state_kernel(
 
 
 @triton.jit
+def _apply_start(BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # grid (N tiles, B·H): the program's (batch, head), rows, head-dim ranges and the offsets of its summed state
+    bh = tl.program_id(1).to(tl.int64)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    at_s, at_z = _state_offsets(bh, dk, dv, BLOCK_DK, BLOCK_DV)
+    return bh, tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), dk, dv, at_s, at_z
+
+
+@triton.jit
 def _apply_fwd_kernel(
         Q, S, Z, Out, DEN, N, DK, DV, eps,
         BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
+    bh, rows, dk, dv, at_s, at_z = _apply_start(BLOCK_N, BLOCK_DK, BLOCK_DV)
     q = _load_rows(Q, bh * N * DK, rows, dk, N, DK)
-    at_s, at_z = _state_offsets(bh, dk, dv, BLOCK_DK, BLOCK_DV)
     s = tl.load(S + at_s)
     den = tl.sum(q * tl.load(Z + at_z)[None, :], 1) + eps
     _store_rows(Out, bh * N * DV, rows, dv, N, DV, tl.dot(q, s) / den[:, None])
@@ -112,25 +119,28 @@ def _apply_fwd_kernel(
 
 
 @triton.jit
-def _apply_bwd_kernel(
-        K, V, DO, Out, DEN, S, Z, DS, DZ, DQ, DKg, DVg, N, DK, DV,
+def _apply_bwd_dq_kernel(
+        DO, Out, DEN, S, Z, DQ, N, DK, DV,
         BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # dq = dnum Sᵀ + dden zᵀ, dk = v dSᵀ + dz, dv = k dS
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    at_s, at_z = _state_offsets(bh, dk, dv, BLOCK_DK, BLOCK_DV)
-    s = tl.load(S + at_s)
-    ds = tl.load(DS + at_s)
-    z = tl.load(Z + at_z)
-    dz = tl.load(DZ + at_z)
+    # dq = dnum Sᵀ + dden zᵀ
+    bh, rows, dk, dv, at_s, at_z = _apply_start(BLOCK_N, BLOCK_DK, BLOCK_DV)
     dnum, dden = _grads_of_normalised(DO, Out, DEN, bh, rows, dv, N, DV)
+    dq = tl.dot(dnum, tl.trans(tl.load(S + at_s))) + dden[:, None] * tl.load(Z + at_z)[None, :]
+    _store_rows(DQ, bh * N * DK, rows, dk, N, DK, dq)
+
+
+@triton.jit
+def _apply_bwd_dkdv_kernel(
+        K, V, DS, DZ, DKg, DVg, N, DK, DV,
+        BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # dk = v dSᵀ + dz, dv = k dS
+    bh, rows, dk, dv, at_s, at_z = _apply_start(BLOCK_N, BLOCK_DK, BLOCK_DV)
+    ds = tl.load(DS + at_s)
     k = _load_rows(K, bh * N * DK, rows, dk, N, DK)
     v = _load_rows(V, bh * N * DV, rows, dv, N, DV)
-    _store_rows(DQ, bh * N * DK, rows, dk, N, DK, tl.dot(dnum, tl.trans(s)) + dden[:, None] * z[None, :])
-    _store_rows(DKg, bh * N * DK, rows, dk, N, DK, tl.dot(v, tl.trans(ds)) + dz[None, :])
+    _store_rows(DKg, bh * N * DK, rows, dk, N, DK, tl.dot(v, tl.trans(ds)) + tl.load(DZ + at_z)[None, :])
     _store_rows(DVg, bh * N * DV, rows, dv, N, DV, tl.dot(k, ds))
 
 
@@ -209,10 +219,23 @@ def _chunk_bwd_dkdv_kernel(
 
 
 def _cfg(n: int, dk: int, dv: int) -> dict:
+    """Launch settings: ``tiles`` (the head widths, padded), then per kernel family its ``BLOCK_N`` rows and warps.
+
+    The kernels hold float32 states [BLOCK_DK, BLOCK_DV] in registers beside their tiles. The settings are the
+    largest tiles on which none of them spills registers on sm_90 at Dk = Dv = 64 in any dtype, as compiled offline
+    by ``benchmarks/kernel_resources.py``: ``tile_rows`` of 4-byte elements for the state and apply kernels (8 warps
+    where they hold a state and the tiles of a product), and 16-row tiles on 8 warps, double-buffered, for the
+    causal chunk kernels, which also hold a [BLOCK_N, BLOCK_N] score tile and two products. At Dk = Dv = 128 the
+    state alone takes 64 registers a thread and the causal backward kernels spill. The interpreter, which pays per
+    loop step, takes one tile of up to 64 rows everywhere."""
     block_dk, block_dv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
-    # the kernels compute in float32 whatever the input dtype: 4-byte tiles
-    block_n = max(16, min(triton.next_power_of_2(n), 64)) if interpret_mode() else tile_rows(block_dk, block_dv, 4)
-    return dict(BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+    tiles = dict(BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+    if interpret_mode():
+        rows = dict(BLOCK_N=max(16, min(triton.next_power_of_2(n), 64)))
+        return dict(tiles=tiles, state=rows, apply_fwd=rows, apply_bwd=rows, chunk=rows)
+    rows = tile_rows(block_dk, block_dv, 4)
+    return dict(tiles=tiles, state=dict(BLOCK_N=rows, num_warps=8), apply_fwd=dict(BLOCK_N=rows, num_warps=4),
+                apply_bwd=dict(BLOCK_N=rows, num_warps=8), chunk=dict(BLOCK_N=16, num_warps=8, num_stages=2))
 
 
 def _num_splits(n: int, bh: int, block_n: int) -> int:
@@ -221,9 +244,10 @@ def _num_splits(n: int, bh: int, block_n: int) -> int:
     return 1 if interpret_mode() else max(1, min(triton.cdiv(n, block_n), triton.cdiv(_PROGRAMS, bh)))
 
 
-def _chunk_rows(n: int, bh: int, block_n: int) -> int:
-    """Rows of one chunk: whole ``block_n`` tiles (one at least), at most ``_num_splits`` chunks (fewer where tiles
-    round up)."""
+def _chunk_rows(n: int, bh: int, cfg: dict) -> int:
+    """Rows of one chunk: whole tiles of every kernel that walks it (one at least), at most ``_num_splits`` chunks
+    (fewer where tiles round up)."""
+    block_n = max(cfg['state']['BLOCK_N'], cfg['chunk']['BLOCK_N'])
     return max(1, triton.cdiv(triton.cdiv(n, _num_splits(n, bh, block_n)), block_n)) * block_n
 
 
@@ -233,13 +257,13 @@ def _chunk_states(a: Tensor, b: Tensor, out: Tensor | None, den: Tensor | None, 
     chunks of ``rows`` rows: float32 [B·H, C, BLOCK_DA, BLOCK_DB] and [B·H, C, BLOCK_DA], zero in the padding."""
     bh, n, da = a.shape
     chunks = max(1, triton.cdiv(n, rows))  # N = 0: one empty chunk, zero states
-    block_a, block_b = cfg['BLOCK_DK'], cfg['BLOCK_DV']
+    block_a, block_b = cfg['tiles']['BLOCK_DK'], cfg['tiles']['BLOCK_DV']
     s = torch.empty(bh, chunks, block_a, block_b, device=a.device, dtype=torch.float32)
     z = torch.empty(bh, chunks, block_a, device=a.device, dtype=torch.float32)
     bwd = out is not None
     _state_kernel[(bh, chunks)](
         A=a, B=b, Out=out if bwd else b, DEN=den if bwd else z, S=s, Z=z, N=n, DA=da, DB=b.shape[-1],
-        ROWS_PER_PROG=rows, BWD=bwd, BLOCK_N=cfg['BLOCK_N'], BLOCK_DA=block_a, BLOCK_DB=block_b)
+        ROWS_PER_PROG=rows, BWD=bwd, BLOCK_DA=block_a, BLOCK_DB=block_b, **cfg['state'])
     return s, z
 
 
@@ -262,18 +286,19 @@ class LinearAttnFn(torch.autograd.Function):
         # [B, H, N, D] -> [B·H, N, D]
         q, k, v = (t.contiguous().view(b * h, n, t.shape[-1]) for t in (q, k, v))
         cfg = _cfg(n, dk, dv)
-        rows = _chunk_rows(n, b * h, cfg['BLOCK_N'])
+        rows = _chunk_rows(n, b * h, cfg)
         out = torch.empty_like(v)
         den = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
         s, z = _chunk_states(k, v, None, None, rows, cfg)
         if causal:
             s, z = _exclusive_cumsum(s), _exclusive_cumsum(z)
             _chunk_fwd_kernel[s.shape[:2]](Q=q, K=k, V=v, S=s, Z=z, Out=out, DEN=den, N=n, DK=dk, DV=dv,
-                                           ROWS_PER_PROG=rows, eps=eps, **cfg)
+                                           ROWS_PER_PROG=rows, eps=eps, **cfg['tiles'], **cfg['chunk'])
         else:
             s, z = s.sum(1), z.sum(1)
-            grid = (triton.cdiv(n, cfg['BLOCK_N']), b * h)
-            _apply_fwd_kernel[grid](Q=q, S=s, Z=z, Out=out, DEN=den, N=n, DK=dk, DV=dv, eps=eps, **cfg)
+            grid = (triton.cdiv(n, cfg['apply_fwd']['BLOCK_N']), b * h)
+            _apply_fwd_kernel[grid](Q=q, S=s, Z=z, Out=out, DEN=den, N=n, DK=dk, DV=dv, eps=eps, **cfg['tiles'],
+                                    **cfg['apply_fwd'])
         ctx.save_for_backward(q, k, v, out, den, s, z)
         ctx.causal, ctx.cfg, ctx.rows, ctx.shape = causal, cfg, rows, (b, h)
         return out.view(b, h, n, dv)
@@ -286,18 +311,19 @@ class LinearAttnFn(torch.autograd.Function):
         cfg = ctx.cfg
         do = grad.contiguous().view(bh, n, dv)
         dq, dkg, dvg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = dict(DO=do, Out=out, DEN=den, N=n, DK=dk, DV=dv, **cfg)
+        sizes = dict(N=n, DK=dk, DV=dv, **cfg['tiles'])
         ds, dz = _chunk_states(q, do, out, den, ctx.rows, cfg)
         if ctx.causal:
-            grid = s.shape[:2]
-            _chunk_bwd_dq_kernel[grid](K=k, V=v, S=s, Z=z, DQ=dq, ROWS_PER_PROG=ctx.rows, **common)
+            grid, chunk = s.shape[:2], dict(ROWS_PER_PROG=ctx.rows, **sizes, **cfg['chunk'])
+            _chunk_bwd_dq_kernel[grid](K=k, V=v, DO=do, Out=out, DEN=den, S=s, Z=z, DQ=dq, **chunk)
             ds, dz = _exclusive_cumsum(ds, reverse=True), _exclusive_cumsum(dz, reverse=True)
-            _chunk_bwd_dkdv_kernel[grid](Q=q, K=k, V=v, DS=ds, DZ=dz, DKg=dkg, DVg=dvg, ROWS_PER_PROG=ctx.rows,
-                                         **common)
+            _chunk_bwd_dkdv_kernel[grid](Q=q, K=k, V=v, DO=do, Out=out, DEN=den, DS=ds, DZ=dz, DKg=dkg, DVg=dvg,
+                                         **chunk)
         else:
             ds, dz = ds.sum(1), dz.sum(1)
-            grid = (triton.cdiv(n, cfg['BLOCK_N']), bh)
-            _apply_bwd_kernel[grid](K=k, V=v, S=s, Z=z, DS=ds, DZ=dz, DQ=dq, DKg=dkg, DVg=dvg, **common)
+            grid, apply = (triton.cdiv(n, cfg['apply_bwd']['BLOCK_N']), bh), dict(**sizes, **cfg['apply_bwd'])
+            _apply_bwd_dq_kernel[grid](DO=do, Out=out, DEN=den, S=s, Z=z, DQ=dq, **apply)
+            _apply_bwd_dkdv_kernel[grid](K=k, V=v, DS=ds, DZ=dz, DKg=dkg, DVg=dvg, **apply)
         b, h = ctx.shape
         return dq.view(b, h, n, dk), dkg.view(b, h, n, dk), dvg.view(b, h, n, dv), None, None
 

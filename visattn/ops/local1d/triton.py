@@ -115,7 +115,16 @@ def _local_bwd_dkdv_kernel(
     store_rows(DVg, bh * N * DV, cols, dv, cols < N, DV, dv_acc)
 
 
-BLOCK: int | None = None  # rows of the query and key tiles; None: ``tile_rows`` of the head sizes and dtype
+def _configs(dk: int, dv: int, element_size: int) -> tuple[dict, dict]:
+    """Tile sizes and warps of the forward and of the backward kernels. The forward takes ``tile_rows`` rows on 4
+    warps; the backward kernels hold two float32 accumulators (dk, dv) or dq and the recomputed probabilities, so
+    their tiles are sized as for 4-byte elements and run on 8 warps. None of them spills registers on sm_90 at
+    Dk = Dv = 64 or 128 in any dtype (``benchmarks/kernel_resources.py``)."""
+    block_dk, block_dv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
+    fwd = tile_rows(block_dk, block_dv, element_size)
+    bwd = tile_rows(block_dk, block_dv, max(element_size, 4))
+    tiles = dict(BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+    return (dict(BLOCK_M=fwd, BLOCK_N=fwd, num_warps=4, **tiles), dict(BLOCK_M=bwd, BLOCK_N=bwd, num_warps=8, **tiles))
 
 
 class LocalAttnFn(torch.autograd.Function):
@@ -129,13 +138,11 @@ class LocalAttnFn(torch.autograd.Function):
         q, k, v = (t.contiguous().view(b * h, n, t.shape[-1]) for t in (q, k, v))
         out = torch.empty_like(v)
         lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
-        block_dk, block_dv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
-        block = BLOCK or tile_rows(block_dk, block_dv, q.element_size())
-        cfg = dict(N=n, DK=dk, DV=dv, scale=scale, LO=lo, HI=hi, BLOCK_M=block, BLOCK_N=block, BLOCK_DK=block_dk,
-                   BLOCK_DV=block_dv)
-        _local_fwd_kernel[(triton.cdiv(n, block), b * h)](Q=q, K=k, V=v, Out=out, LSE=lse, **cfg)
+        fwd, bwd = _configs(dk, dv, q.element_size())
+        sizes = dict(N=n, DK=dk, DV=dv, scale=scale, LO=lo, HI=hi)
+        _local_fwd_kernel[(triton.cdiv(n, fwd['BLOCK_M']), b * h)](Q=q, K=k, V=v, Out=out, LSE=lse, **sizes, **fwd)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cfg, ctx.shape = cfg, (b, h)
+        ctx.cfg, ctx.shape = {**sizes, **bwd}, (b, h)
         return out.view(b, h, n, dv)
 
     @staticmethod
