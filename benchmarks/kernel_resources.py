@@ -48,17 +48,13 @@ FP32_POINTERS = {'LSE', 'DELTA', 'DEN', 'S', 'Z', 'DS', 'DZ', 'DRPB', 'SUM', 'MA
 DATA_POINTERS = {'Q', 'K', 'V', 'Out', 'DO', 'DQ', 'DKg', 'DVg', 'RPB', 'REL', 'A', 'B', 'X', 'Y', 'DY', 'DX'}
 FLOATS = {'scale', 'eps'}
 DTYPES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
-_STATE_128 = ('its float32 state [128, 128] alone takes 64 registers a thread on 8 warps; a clean kernel needs the '
-              'state split across programs (Dk slices for dq and dk, Dv slices for dv)')
+_FP32_ONLY = 'float32 only: 16-bit inputs are clean'
 # Spills known and left, (op, kernel, shape) -> (dtypes, why); ``--check`` fails on any other.
 KNOWN_SPILLS = {
-    ('linear', 'chunk_bwd_dq', 'N=4096 d=128'): ({'bf16', 'fp16', 'fp32'}, _STATE_128),
-    ('linear', 'chunk_bwd_dkdv', 'N=4096 d=128'): ({'bf16', 'fp16', 'fp32'}, _STATE_128),
-    ('linear', 'apply_bwd_dkdv', 'N=4096 d=128'): ({'bf16', 'fp16'}, '8 bytes, once per program: the kernel has '
-                                                   'no loop'),
-    ('halo', 'halo_bwd_dq', 'b=8 h=3 s=2 d=32'): ({'fp32'}, 'float32 only: 16-bit inputs are clean'),
-    ('halo', 'halo_bwd_dq', 'b=12 h=2 s=1 d=64'): ({'fp32'}, 'float32 only: 16-bit inputs are clean'),
-    ('halo', 'halo_bwd_dkdv', 'b=12 h=2 s=1 d=64'): ({'fp32'}, 'float32 only: 16-bit inputs are clean'),
+    ('linear', 'chunk_bwd_dkdv', 'N=4096 d=128'): ({'fp32'}, _FP32_ONLY + ' (the dk part, on Dk slices of the state)'),
+    ('halo', 'halo_bwd_dq', 'b=8 h=3 s=2 d=32'): ({'fp32'}, _FP32_ONLY),
+    ('halo', 'halo_bwd_dq', 'b=12 h=2 s=1 d=64'): ({'fp32'}, _FP32_ONLY),
+    ('halo', 'halo_bwd_dkdv', 'b=12 h=2 s=1 d=64'): ({'fp32'}, _FP32_ONLY),
 }
 
 
@@ -96,11 +92,19 @@ def launches() -> Iterator[Launch]:
                              dtype)
             families = (('apply_fwd', (linear._apply_fwd_kernel,)),
                         ('apply_bwd', (linear._apply_bwd_dq_kernel, linear._apply_bwd_dkdv_kernel)),
-                        ('chunk', (linear._chunk_fwd_kernel, linear._chunk_bwd_dq_kernel,
-                                   linear._chunk_bwd_dkdv_kernel)))
+                        ('chunk', (linear._chunk_fwd_kernel,)))
             for family, fns in families:
                 for fn in fns:
                     yield Launch('linear', shape, fn, dict(tiles, **cfg[family]), dtype)
+            sk, sv = min(tiles['BLOCK_DK'], cfg['slice']), min(tiles['BLOCK_DV'], cfg['slice'])
+            chunk = dict(tiles, **cfg['chunk'])
+            yield Launch('linear', shape, linear._chunk_bwd_dq_kernel, dict(chunk, BLOCK_SK=sk), dtype)
+            parts = ([dict(BLOCK_SK=sk, BLOCK_SV=sv, WRITE_DK=True, WRITE_DV=True)]
+                     if (sk, sv) == (tiles['BLOCK_DK'], tiles['BLOCK_DV']) else
+                     [dict(BLOCK_SK=sk, BLOCK_SV=tiles['BLOCK_DV'], WRITE_DK=True, WRITE_DV=False),
+                      dict(BLOCK_SK=tiles['BLOCK_DK'], BLOCK_SV=sv, WRITE_DK=False, WRITE_DV=True)])
+            for part in parts:
+                yield Launch('linear', shape, linear._chunk_bwd_dkdv_kernel, dict(chunk, **part), dtype)
             fwd, bwd = local._configs(d, d, size)
             for fn, c in ((local._local_fwd_kernel, fwd), (local._local_bwd_dq_kernel, bwd),
                           (local._local_bwd_dkdv_kernel, bwd)):

@@ -14,18 +14,22 @@ from _compare import check_against_torch  # noqa: E402
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """``small_chunks(tiles, state_rows=16)``: chunks of ``tiles`` tiles of ``state_rows`` rows (the last chunk shorter
-    where N ends first); the state kernel's tiles have ``state_rows`` rows, the chunk kernels' 16 (as on a GPU, where
-    they walk a chunk in smaller tiles than the state kernel)."""
+    """``small_chunks(tiles, state_rows=16, state_slice=None)``: chunks of ``tiles`` tiles of ``state_rows`` rows (the
+    last chunk shorter where N ends first); the state kernel's tiles have ``state_rows`` rows, the chunk kernels' 16
+    (as on a GPU, where they walk a chunk in smaller tiles than the state kernel); ``state_slice``: the width of the
+    parts the backward cuts the state into (as on a GPU for heads over 64)."""
     from visattn.ops.linear import triton as lin
 
     cfg = lin._cfg
 
-    def set_tiles(tiles, state_rows=16):
+    def set_tiles(tiles, state_rows=16, state_slice=None):
         def small(n, dk, dv):
-            rows = {'tiles': None, 'state': state_rows}
-            return {key: value if key == 'tiles' else dict(value, BLOCK_N=rows.get(key, 16))
-                    for key, value in cfg(n, dk, dv).items()}
+            out = cfg(n, dk, dv)
+            for key in ('state', 'apply_fwd', 'apply_bwd', 'chunk'):
+                out[key] = dict(out[key], BLOCK_N=state_rows if key == 'state' else 16)
+            if state_slice:
+                out['slice'] = state_slice
+            return out
 
         monkeypatch.setattr(lin, '_cfg', small)
         monkeypatch.setattr(lin, '_num_splits', lambda n, bh, block_n: triton.cdiv(n, tiles * block_n))
@@ -62,3 +66,15 @@ def test_empty_sequence(causal, poison_empty, grads_of):
     q, k, v = torch.rand(3, 1, 2, 0, 4).unbind(0)
     check_against_torch(lambda *a, backend: ops.linear_attention(*a, causal=causal, backend=backend), [q, k, v],
                         torch.float32, grads_of)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('dk,dv', [(24, 20), (40, 12)])
+def test_causal_backward_on_slices_of_the_state(dk, dv, dtype, small_chunks, poison_empty, grads_of):
+    # 16-wide parts of a 32- or 64-wide state: dq and dk over Dk slices, dv over Dv slices (one where Dv fits)
+    small_chunks(2, state_slice=16)
+    torch.manual_seed(42)
+    q, k = torch.rand(2, 1, 2, 50, dk).unbind(0)
+    v = torch.randn(1, 2, 50, dv)
+    check_against_torch(lambda *a, backend: ops.linear_attention(*a, causal=True, backend=backend), [q, k, v],
+                        dtype, grads_of, grad_scale=4)

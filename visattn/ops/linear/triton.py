@@ -14,7 +14,8 @@ The backward mirrors both. ``_state_kernel`` writes per chunk ``dS_c = Σ q dnum
 (from S, z) and ``_apply_bwd_dkdv_kernel`` dk, dv (from dS, dz), so that neither holds two states. Causal:
 ``_chunk_bwd_dq_kernel`` reads the prefix states saved by the forward; an exclusive suffix sum of the
 chunks' ``dS``, ``dz`` (the queries after each chunk) feeds ``_chunk_bwd_dkdv_kernel``, which walks its chunk's
-tiles last to first. Every product accumulates in float32.
+tiles last to first. For heads over 64 both work on slices of the state, a third grid axis numbering them: dq
+and dk on rows of it (Dk slices), dv on columns (Dv slices). Every product accumulates in float32.
 
 Chunks: ``_num_splits`` gives enough per (batch, head) that B·H·C programs fill a GPU (``_PROGRAMS``, two per SM
 of an H100), at most one per tile. So the state buffer is at most ``(_PROGRAMS + B·H)·BLOCK_DK·BLOCK_DV`` floats
@@ -145,10 +146,19 @@ def _apply_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _chunk_start(S, Z, ROWS_PER_PROG, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    # grid (B·H, C): the program's (batch, head), head-dim ranges, the state stored for its chunk and its first row
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
+def _chunk_start(S, Z, ROWS_PER_PROG, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SK: tl.constexpr,
+                 BLOCK_SV: tl.constexpr):
+    # grid (B·H, C, slices): the program's (batch, head), its slice of the state (rows k0 + [0, BLOCK_SK) of Dk and
+    # columns v0 + [0, BLOCK_SV) of Dv; all of a dimension unless its slice is narrower, the third grid axis then
+    # numbering the slices) as index ranges, that slice as stored for its chunk, and the chunk's first row
+    k0 = 0
+    v0 = 0
+    if BLOCK_SK < BLOCK_DK:
+        k0 = tl.program_id(2) * BLOCK_SK
+    if BLOCK_SV < BLOCK_DV:
+        v0 = tl.program_id(2) * BLOCK_SV
+    dk = k0 + tl.arange(0, BLOCK_SK)
+    dv = v0 + tl.arange(0, BLOCK_SV)
     at_s, at_z = _state_offsets(_chunk_slot(), dk, dv, BLOCK_DK, BLOCK_DV)
     bh = tl.program_id(0).to(tl.int64)
     return bh, dk, dv, tl.load(S + at_s), tl.load(Z + at_z), tl.program_id(1) * ROWS_PER_PROG
@@ -160,7 +170,7 @@ def _chunk_fwd_kernel(
         BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # grid (B·H, C); S, Z: the state of the chunks before this one, then this chunk's own tiles in order
-    bh, dk, dv, s, z, lo = _chunk_start(S, Z, ROWS_PER_PROG, BLOCK_DK, BLOCK_DV)
+    bh, dk, dv, s, z, lo = _chunk_start(S, Z, ROWS_PER_PROG, BLOCK_DK, BLOCK_DV, BLOCK_DK, BLOCK_DV)
     for start in range(lo, tl.minimum(lo + ROWS_PER_PROG, N), BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         q = _load_rows(Q, bh * N * DK, rows, dk, N, DK)
@@ -177,11 +187,11 @@ def _chunk_fwd_kernel(
 @triton.jit
 def _chunk_bwd_dq_kernel(
         K, V, DO, Out, DEN, S, Z, DQ, N, DK, DV, ROWS_PER_PROG,
-        BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SK: tl.constexpr,
 ):
-    # grid (B·H, C); S, Z: the forward's state before this chunk, then its tiles in order:
-    # dq_i = dnum_i S_prevᵀ + dden_i z_prev + Σ_{j in tile, j <= i} (dnum_i·v_j + dden_i) k_j
-    bh, dk, dv, s, z, lo = _chunk_start(S, Z, ROWS_PER_PROG, BLOCK_DK, BLOCK_DV)
+    # grid (B·H, C, Dk slices); S, Z: the forward's state before this chunk (rows of the slice), then its tiles in
+    # order: dq_i = dnum_i S_prevᵀ + dden_i z_prev + Σ_{j in tile, j <= i} (dnum_i·v_j + dden_i) k_j
+    bh, dk, dv, s, z, lo = _chunk_start(S, Z, ROWS_PER_PROG, BLOCK_DK, BLOCK_DV, BLOCK_SK, BLOCK_DV)
     for start in range(lo, tl.minimum(lo + ROWS_PER_PROG, N), BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         k = _load_rows(K, bh * N * DK, rows, dk, N, DK)
@@ -197,45 +207,57 @@ def _chunk_bwd_dq_kernel(
 @triton.jit
 def _chunk_bwd_dkdv_kernel(
         Q, K, V, DO, Out, DEN, DS, DZ, DKg, DVg, N, DK, DV, ROWS_PER_PROG,
-        BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SK: tl.constexpr,
+        BLOCK_SV: tl.constexpr, WRITE_DK: tl.constexpr, WRITE_DV: tl.constexpr,
 ):
-    # grid (B·H, C); DS = Σ q_i dnum_iᵀ, DZ = Σ dden_i q_i over the queries after this chunk, then its tiles last
-    # to first: dk_j = dS v_j + dz + Σ_{i in tile, i >= j} dA_ij q_i, dv_j = dSᵀ k_j + Σ_{i in tile, i >= j} A_ij dnum_i
-    bh, dk, dv, ds, dz, lo = _chunk_start(DS, DZ, ROWS_PER_PROG, BLOCK_DK, BLOCK_DV)
+    # grid (B·H, C, slices); DS = Σ q_i dnum_iᵀ, DZ = Σ dden_i q_i over the queries after this chunk, then its tiles
+    # last to first: dk_j = dS v_j + dz + Σ_{i in tile, i >= j} dA_ij q_i, dv_j = dSᵀ k_j + Σ_{i in tile, i >= j}
+    # A_ij dnum_i. Both at once on the whole state, or (wide heads) dk on Dk slices of it (WRITE_DK, BLOCK_SV =
+    # BLOCK_DV) and dv on Dv slices (WRITE_DV, BLOCK_SK = BLOCK_DK), so that a program holds half the state or less
+    bh, dk, dv, ds, dz, lo = _chunk_start(DS, DZ, ROWS_PER_PROG, BLOCK_DK, BLOCK_DV, BLOCK_SK, BLOCK_SV)
     n_tiles = tl.cdiv(tl.minimum(ROWS_PER_PROG, N - lo), BLOCK_N)
     for t in range(0, n_tiles):
         rows = lo + (n_tiles - 1 - t) * BLOCK_N + tl.arange(0, BLOCK_N)
         q = _load_rows(Q, bh * N * DK, rows, dk, N, DK)
-        k = _load_rows(K, bh * N * DK, rows, dk, N, DK)
-        v = _load_rows(V, bh * N * DV, rows, dv, N, DV)
         dnum, dden = _grads_of_normalised(DO, Out, DEN, bh, rows, dv, N, DV)
         causal = rows[:, None] >= rows[None, :]
-        a = tl.where(causal, tl.dot(q, tl.trans(k)), 0.0)
-        da = tl.where(causal, tl.dot(dnum, tl.trans(v)) + dden[:, None], 0.0)
-        _store_rows(DKg, bh * N * DK, rows, dk, N, DK, tl.dot(v, tl.trans(ds)) + dz[None, :] + tl.dot(tl.trans(da), q))
-        _store_rows(DVg, bh * N * DV, rows, dv, N, DV, tl.dot(k, ds) + tl.dot(tl.trans(a), dnum))
+        if WRITE_DK:  # dv spans all of Dv
+            v = _load_rows(V, bh * N * DV, rows, dv, N, DV)
+            da = tl.where(causal, tl.dot(dnum, tl.trans(v)) + dden[:, None], 0.0)
+            dk_t = tl.dot(v, tl.trans(ds)) + dz[None, :] + tl.dot(tl.trans(da), q)
+            _store_rows(DKg, bh * N * DK, rows, dk, N, DK, dk_t)
+            dz += tl.sum(q * dden[:, None], 0)
+        if WRITE_DV:  # dk spans all of Dk
+            k = _load_rows(K, bh * N * DK, rows, dk, N, DK)
+            a = tl.where(causal, tl.dot(q, tl.trans(k)), 0.0)
+            _store_rows(DVg, bh * N * DV, rows, dv, N, DV, tl.dot(k, ds) + tl.dot(tl.trans(a), dnum))
         ds += tl.dot(tl.trans(q), dnum)
-        dz += tl.sum(q * dden[:, None], 0)
 
 
 def _cfg(n: int, dk: int, dv: int) -> dict:
-    """Launch settings: ``tiles`` (the head widths, padded), then per kernel family its ``BLOCK_N`` rows and warps.
+    """Launch settings: ``tiles`` (the head widths, padded), per kernel family its ``BLOCK_N`` rows and warps, and
+    the ``slice`` width of the parts that the causal backward cuts a wide state into.
 
     The kernels hold float32 states [BLOCK_DK, BLOCK_DV] in registers beside their tiles. The settings are the
-    largest tiles on which none of them spills registers on sm_90 at Dk = Dv = 64 in any dtype, as compiled offline
-    by ``benchmarks/kernel_resources.py``: ``tile_rows`` of 4-byte elements for the state and apply kernels (8 warps
-    where they hold a state and the tiles of a product), and 16-row tiles on 8 warps, double-buffered, for the
-    causal chunk kernels, which also hold a [BLOCK_N, BLOCK_N] score tile and two products. At Dk = Dv = 128 the
-    state alone takes 64 registers a thread and the causal backward kernels spill. The interpreter, which pays per
-    loop step, takes one tile of up to 64 rows everywhere."""
+    largest tiles on which none of them spills registers on sm_90 in 16-bit dtypes at Dk = Dv = 64 and 128, as
+    compiled offline by ``benchmarks/kernel_resources.py``: ``tile_rows`` of 4-byte elements for the state and
+    apply kernels (8 warps where they hold a state and the tiles of a product; half as many rows in the backward
+    for heads over 64), and 16-row tiles on 8 warps, double-buffered, for the causal chunk kernels, which also
+    hold a [BLOCK_N, BLOCK_N] score tile and two products. For heads over 64 the causal backward works on
+    64-wide parts of the state (dq and dk over Dk slices, dv over Dv slices): at Dk = Dv = 128 the whole state
+    alone takes 64 registers a thread. The interpreter, which pays per loop step, takes one tile of up to 64 rows
+    everywhere and one slice."""
     block_dk, block_dv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
     tiles = dict(BLOCK_DK=block_dk, BLOCK_DV=block_dv)
     if interpret_mode():
         rows = dict(BLOCK_N=max(16, min(triton.next_power_of_2(n), 64)))
-        return dict(tiles=tiles, state=rows, apply_fwd=rows, apply_bwd=rows, chunk=rows)
+        return dict(tiles=tiles, state=rows, apply_fwd=rows, apply_bwd=rows, chunk=rows,
+                    slice=max(block_dk, block_dv))
     rows = tile_rows(block_dk, block_dv, 4)
     return dict(tiles=tiles, state=dict(BLOCK_N=rows, num_warps=8), apply_fwd=dict(BLOCK_N=rows, num_warps=4),
-                apply_bwd=dict(BLOCK_N=rows, num_warps=8), chunk=dict(BLOCK_N=16, num_warps=8, num_stages=2))
+                apply_bwd=dict(BLOCK_N=rows if max(block_dk, block_dv) <= 64 else rows // 2, num_warps=8),
+                chunk=dict(BLOCK_N=16, num_warps=8, num_stages=2),
+                slice=64)
 
 
 def _num_splits(n: int, bh: int, block_n: int) -> int:
@@ -314,11 +336,20 @@ class LinearAttnFn(torch.autograd.Function):
         sizes = dict(N=n, DK=dk, DV=dv, **cfg['tiles'])
         ds, dz = _chunk_states(q, do, out, den, ctx.rows, cfg)
         if ctx.causal:
-            grid, chunk = s.shape[:2], dict(ROWS_PER_PROG=ctx.rows, **sizes, **cfg['chunk'])
-            _chunk_bwd_dq_kernel[grid](K=k, V=v, DO=do, Out=out, DEN=den, S=s, Z=z, DQ=dq, **chunk)
+            chunk = dict(ROWS_PER_PROG=ctx.rows, **sizes, **cfg['chunk'])
+            block_dk, block_dv = cfg['tiles']['BLOCK_DK'], cfg['tiles']['BLOCK_DV']
+            sk, sv = min(block_dk, cfg['slice']), min(block_dv, cfg['slice'])
+            _chunk_bwd_dq_kernel[(*s.shape[:2], block_dk // sk)](K=k, V=v, DO=do, Out=out, DEN=den, S=s, Z=z, DQ=dq,
+                                                                 BLOCK_SK=sk, **chunk)
             ds, dz = _exclusive_cumsum(ds, reverse=True), _exclusive_cumsum(dz, reverse=True)
-            _chunk_bwd_dkdv_kernel[grid](Q=q, K=k, V=v, DO=do, Out=out, DEN=den, DS=ds, DZ=dz, DKg=dkg, DVg=dvg,
-                                         **chunk)
+            if (sk, sv) == (block_dk, block_dv):  # dk and dv together on the whole state
+                parts = [(1, dict(BLOCK_SK=sk, BLOCK_SV=sv, WRITE_DK=True, WRITE_DV=True))]
+            else:  # dk on Dk slices, dv on Dv slices
+                parts = [(block_dk // sk, dict(BLOCK_SK=sk, BLOCK_SV=block_dv, WRITE_DK=True, WRITE_DV=False)),
+                         (block_dv // sv, dict(BLOCK_SK=block_dk, BLOCK_SV=sv, WRITE_DK=False, WRITE_DV=True))]
+            for slices, part in parts:
+                _chunk_bwd_dkdv_kernel[(*s.shape[:2], slices)](Q=q, K=k, V=v, DO=do, Out=out, DEN=den, DS=ds, DZ=dz,
+                                                               DKg=dkg, DVg=dvg, **part, **chunk)
         else:
             ds, dz = ds.sum(1), dz.sum(1)
             grid, apply = (triton.cdiv(n, cfg['apply_bwd']['BLOCK_N']), bh), dict(**sizes, **cfg['apply_bwd'])
