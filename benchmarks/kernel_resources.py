@@ -96,15 +96,11 @@ def launches() -> Iterator[Launch]:
             for family, fns in families:
                 for fn in fns:
                     yield Launch('linear', shape, fn, dict(tiles, **cfg[family]), dtype)
-            sk, sv = min(tiles['BLOCK_DK'], cfg['slice']), min(tiles['BLOCK_DV'], cfg['slice'])
-            chunk = dict(tiles, **cfg['chunk'])
-            yield Launch('linear', shape, linear._chunk_bwd_dq_kernel, dict(chunk, BLOCK_SK=sk), dtype)
-            parts = ([dict(BLOCK_SK=sk, BLOCK_SV=sv, WRITE_DK=True, WRITE_DV=True)]
-                     if (sk, sv) == (tiles['BLOCK_DK'], tiles['BLOCK_DV']) else
-                     [dict(BLOCK_SK=sk, BLOCK_SV=tiles['BLOCK_DV'], WRITE_DK=True, WRITE_DV=False),
-                      dict(BLOCK_SK=tiles['BLOCK_DK'], BLOCK_SV=sv, WRITE_DK=False, WRITE_DV=True)])
-            for part in parts:
-                yield Launch('linear', shape, linear._chunk_bwd_dkdv_kernel, dict(chunk, **part), dtype)
+            (_, dq), *dkdv = linear._causal_bwd_parts(cfg)
+            yield Launch('linear', shape, linear._chunk_bwd_dq_kernel, dict(tiles, **cfg['chunk'], **dq), dtype)
+            for _, part in dkdv:
+                yield Launch('linear', shape, linear._chunk_bwd_dkdv_kernel, dict(tiles, **cfg['chunk'], **part),
+                             dtype)
             fwd, bwd = local._configs(d, d, size)
             for fn, c in ((local._local_fwd_kernel, fwd), (local._local_bwd_dq_kernel, bwd),
                           (local._local_bwd_dkdv_kernel, bwd)):
@@ -159,7 +155,7 @@ def _ptxas() -> str:
     return get_ptxas(90).path
 
 
-def compile_launch(launch: Launch, arch: int = 90) -> tuple[Resources, object]:
+def compile_launch(launch: Launch, arch: int = 90) -> Resources:
     """Compile one launch for ``sm_<arch>``; its resources from ``ptxas -v`` and Triton's metadata."""
     fn = launch.fn
     wanted = [p.name for p in fn.params if p.is_constexpr]
@@ -184,8 +180,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> tuple[Resources, object]:
 
     mma = 'wgmma' if 'wgmma.mma_async' in ptx else 'mma.sync' if 'mma.sync' in ptx else '-'
     return Resources(number(r'Used (\d+) registers'), number(r'(\d+) bytes spill stores'),
-                     number(r'(\d+) bytes spill loads'), kernel.metadata.shared, kernel.metadata.num_warps,
-                     mma), kernel
+                     number(r'(\d+) bytes spill loads'), kernel.metadata.shared, kernel.metadata.num_warps, mma)
 
 
 def _tiles(cfg: dict) -> str:
@@ -206,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     for launch in launches():
         name = launch.fn.__name__.strip('_').removesuffix('_kernel')
         try:
-            r, _ = compile_launch(launch, args.arch)
+            r = compile_launch(launch, args.arch)
         except Exception as e:  # noqa: BLE001  report every kernel, then fail
             problems.append(f'{launch.op} {name} {launch.dtype}: {type(e).__name__}: {str(e)[:2000]}')
             rows.append(f'| {launch.op} | {launch.shape} | {name} | {launch.dtype} | {_tiles(launch.cfg)} '

@@ -260,6 +260,19 @@ def _cfg(n: int, dk: int, dv: int) -> dict:
                 slice=64)
 
 
+def _causal_bwd_parts(cfg: dict) -> list[tuple[int, dict]]:
+    """(slices, constexprs) of the causal backward's launches over the state: first ``_chunk_bwd_dq_kernel`` (on Dk
+    slices, ``BLOCK_SK``), then ``_chunk_bwd_dkdv_kernel`` once on the whole state, or for heads wider than
+    ``slice`` twice: dk on Dk slices and dv on Dv slices."""
+    block_dk, block_dv = cfg['tiles']['BLOCK_DK'], cfg['tiles']['BLOCK_DV']
+    sk, sv = min(block_dk, cfg['slice']), min(block_dv, cfg['slice'])
+    dq = (block_dk // sk, dict(BLOCK_SK=sk))
+    if (sk, sv) == (block_dk, block_dv):  # dk and dv together on the whole state
+        return [dq, (1, dict(BLOCK_SK=sk, BLOCK_SV=sv, WRITE_DK=True, WRITE_DV=True))]
+    return [dq, (block_dk // sk, dict(BLOCK_SK=sk, BLOCK_SV=block_dv, WRITE_DK=True, WRITE_DV=False)),
+            (block_dv // sv, dict(BLOCK_SK=block_dk, BLOCK_SV=sv, WRITE_DK=False, WRITE_DV=True))]
+
+
 def _num_splits(n: int, bh: int, block_n: int) -> int:
     """Chunks of the N axis of one (batch, head): enough that B·H·chunks programs fill a GPU (``_PROGRAMS``), at
     most one per tile (one in the interpreter)."""
@@ -337,17 +350,11 @@ class LinearAttnFn(torch.autograd.Function):
         ds, dz = _chunk_states(q, do, out, den, ctx.rows, cfg)
         if ctx.causal:
             chunk = dict(ROWS_PER_PROG=ctx.rows, **sizes, **cfg['chunk'])
-            block_dk, block_dv = cfg['tiles']['BLOCK_DK'], cfg['tiles']['BLOCK_DV']
-            sk, sv = min(block_dk, cfg['slice']), min(block_dv, cfg['slice'])
-            _chunk_bwd_dq_kernel[(*s.shape[:2], block_dk // sk)](K=k, V=v, DO=do, Out=out, DEN=den, S=s, Z=z, DQ=dq,
-                                                                 BLOCK_SK=sk, **chunk)
+            (slices, part), *dkdv = _causal_bwd_parts(cfg)
+            _chunk_bwd_dq_kernel[(*s.shape[:2], slices)](K=k, V=v, DO=do, Out=out, DEN=den, S=s, Z=z, DQ=dq, **part,
+                                                         **chunk)
             ds, dz = _exclusive_cumsum(ds, reverse=True), _exclusive_cumsum(dz, reverse=True)
-            if (sk, sv) == (block_dk, block_dv):  # dk and dv together on the whole state
-                parts = [(1, dict(BLOCK_SK=sk, BLOCK_SV=sv, WRITE_DK=True, WRITE_DV=True))]
-            else:  # dk on Dk slices, dv on Dv slices
-                parts = [(block_dk // sk, dict(BLOCK_SK=sk, BLOCK_SV=block_dv, WRITE_DK=True, WRITE_DV=False)),
-                         (block_dv // sv, dict(BLOCK_SK=block_dk, BLOCK_SV=sv, WRITE_DK=False, WRITE_DV=True))]
-            for slices, part in parts:
+            for slices, part in dkdv:
                 _chunk_bwd_dkdv_kernel[(*s.shape[:2], slices)](Q=q, K=k, V=v, DO=do, Out=out, DEN=den, DS=ds, DZ=dz,
                                                                DKg=dkg, DVg=dvg, **part, **chunk)
         else:
