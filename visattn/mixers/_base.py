@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import masked_softmax_fp32, softmax_fp32
+from .._utils import check_int, check_prob, is_fx_proxy, masked_softmax_fp32, softmax_fp32
 
 
 def normalize_mask(attn_mask: Tensor | None, batch: int, seq_len: int) -> tuple[Tensor | None, Tensor | None]:
@@ -29,18 +29,20 @@ def normalize_mask(attn_mask: Tensor | None, batch: int, seq_len: int) -> tuple[
     """
     if attn_mask is None:
         return None, None
-    if not isinstance(attn_mask, Tensor):
-        raise TypeError(f'attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}')
+    if not torch.jit.is_scripting():
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f'attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}')
     if attn_mask.dtype == torch.bool:
-        if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (batch, seq_len):
+        if attn_mask.dim() == 2 and attn_mask.shape[0] == batch and attn_mask.shape[1] == seq_len:
             return attn_mask, None
         if attn_mask.dim() == 4 and attn_mask.shape[1] == 1 and attn_mask.shape[2] == 1 \
-                and attn_mask.shape[3] == seq_len and attn_mask.shape[0] in (1, batch):
+                and attn_mask.shape[3] == seq_len and (attn_mask.shape[0] == 1 or attn_mask.shape[0] == batch):
             return attn_mask[:, 0, 0].expand(batch, seq_len), None
-    if attn_mask.dim() < 2 or attn_mask.shape[-1] != seq_len or attn_mask.shape[-2] not in (1, seq_len):
+    if attn_mask.dim() < 2 or attn_mask.shape[-1] != seq_len or (
+            attn_mask.shape[-2] != 1 and attn_mask.shape[-2] != seq_len):
         raise ValueError(
             f'attn_mask must be a [B, N] bool key-padding mask or broadcast to [B, H, N, N] with N={seq_len}, '
-            f'got shape {tuple(attn_mask.shape)}')
+            f'got shape {list(attn_mask.shape)}')
     return None, attn_mask
 
 
@@ -62,7 +64,9 @@ def combine_masks(
     """
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     if is_causal:
-        dev = device if device is not None else next((m.device for m in (mask, attn_mask) if m is not None), None)
+        dev = device
+        if dev is None:
+            dev = mask.device if mask is not None else (attn_mask.device if attn_mask is not None else None)
         causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev).tril()
         mask = causal if mask is None else mask & causal
     if attn_mask is None:
@@ -131,10 +135,10 @@ def softmax_attention(
 
 
 def check_seq_len(seq_len: int | None, name: str = 'seq_len') -> int:
-    """Validate a mixer's fixed length argument (``seq_len=``): a positive int."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f'{name} must be a positive int (the fixed number of tokens N), got {seq_len!r}')
-    return seq_len
+    """Validate a mixer's required length argument (``seq_len=``): a positive int; None (not given) is refused."""
+    if seq_len is None:
+        raise ValueError(f'{name} is required: a positive int (the fixed number of tokens N), got None')
+    return check_int(name, seq_len)
 
 
 def check_length(mixer: str, n: int, seq_len: int) -> None:
@@ -170,6 +174,7 @@ class TokenMixer(nn.Module):
     supports_key_padding: ClassVar[bool] = False
     supports_dense_mask: ClassVar[bool] = False
     supports_causal: ClassVar[bool] = False
+    __constants__ = ['supports_key_padding', 'supports_dense_mask', 'supports_causal']  # seen by TorchScript
 
     def __init__(
             self,
@@ -190,14 +195,15 @@ class TokenMixer(nn.Module):
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f'dim must be a positive int, got {dim!r}')
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f'num_heads must be a positive int, got {num_heads!r}')
+        check_int('dim', dim)
+        check_int('num_heads', num_heads)
+        check_prob('attn_drop', attn_drop)
+        check_prob('proj_drop', proj_drop)
         if dim % num_heads:
             raise ValueError(f'dim={dim} must be divisible by num_heads={num_heads}')
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError('norm_layer must be given when qk_norm or scale_norm is True')
+        self.mixer_name = type(self).__name__  # for error messages (TorchScript has no type(self))
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -218,10 +224,14 @@ class TokenMixer(nn.Module):
 
     def check_input(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor | None, Tensor | None]:
         """Validate ``x`` and the masking request; return ``(key_padding_mask, dense_mask)``."""
-        name = type(self).__name__
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f'{name}: x must be [B, N, {self.dim}], got {shape}')
+        name = self.mixer_name
+        if not torch.jit.is_scripting():
+            if is_fx_proxy(x):
+                return None, None
+            if not isinstance(x, Tensor):
+                raise ValueError(f'{name}: x must be [B, N, {self.dim}], got {type(x).__name__}')
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f'{name}: x must be [B, N, {self.dim}], got {list(x.shape)}')
         if is_causal and not self.supports_causal:
             raise ValueError(f'{name} cannot honour is_causal=True; see visattn.list_mixers(causal=True)')
         kpm, dense = normalize_mask(attn_mask, x.shape[0], x.shape[1])
@@ -229,7 +239,7 @@ class TokenMixer(nn.Module):
             raise ValueError(f'{name} cannot honour a padding mask (attn_mask)')
         if dense is not None and not self.supports_dense_mask:
             raise ValueError(
-                f'{name} honours only a [B, N] bool key-padding attn_mask, got shape {tuple(attn_mask.shape)}')
+                f'{name} honours only a [B, N] bool key-padding attn_mask, got shape {list(dense.shape)}')
         if kpm is not None and not self.supports_key_padding:
             dense, kpm = kpm[:, None, None, :], None
         return kpm, dense

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils import check_int
+
 # Score of a masked pair, and log-sum-exp of a row that sees no key: finite, so that no NaN can appear in
 # the forward or backward pass; a row that sees nothing outputs zeros.
 MASKED = -1e30
@@ -25,7 +27,7 @@ EMPTY_LSE = -1e30
 
 __all__ = [
     'MASKED', 'EMPTY_LSE', 'attention_lse', 'merge_lse', 'window_attention_lse',
-    'gather_rows', 'scatter_rows', 'split_residues', 'merge_residues', 'check_int', 'ceil_log', 'pad_to_multiple',
+    'gather_rows', 'scatter_rows', 'split_residues', 'merge_residues', 'ceil_log', 'pad_to_multiple',
     'look_back', 'key_mask_of', 'seeded_generator', 'active_dropout', 'SeededMixin',
 ]
 
@@ -252,15 +254,6 @@ def ceil_log(n: int) -> int:
     return max(1, math.ceil(math.log(max(n, 2))))
 
 
-def check_int(value: int, name: str, minimum: int = 1) -> int:
-    """Validate an integer hyper-parameter (``>= minimum``)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f'{name} must be an int, got {type(value).__name__}')
-    if value < minimum:
-        raise ValueError(f'{name} must be >= {minimum}, got {value}')
-    return value
-
-
 def active_dropout(drop: nn.Dropout) -> nn.Dropout | None:
     """``drop`` when it would change anything (training and ``p > 0``), else None (no extra pass)."""
     return drop if drop.p and drop.training else None
@@ -277,9 +270,8 @@ class SeededMixin:
     seed: int
 
     def init_seed(self, seed: int | None) -> None:
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f'seed must be an int or None, got {type(seed).__name__}')
-        self.seed = int(torch.randint(0, 2 ** 31 - 1, ()).item()) if seed is None else seed
+        # drawn on the CPU, so that building under ``with torch.device('meta')`` works too
+        self.seed = int(torch.randint(0, 2 ** 31 - 1, (), device='cpu')) if seed is None else check_int('seed', seed, 0)
 
     def get_extra_state(self) -> Tensor:
         return torch.tensor(self.seed, dtype=torch.int64)

@@ -21,11 +21,15 @@ output. O(N·C) instead of O(N²).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils import check_float, check_int
+from ..ops._dispatch import upcast
 from ..registry import register
 from ._base import TokenMixer, softmax_attention
 from ._sparse_utils import (
@@ -33,13 +37,12 @@ from ._sparse_utils import (
     SeededMixin,
     active_dropout,
     attention_lse,
-    check_int,
     gather_rows,
     key_mask_of,
     seeded_generator,
 )
 
-__all__ = ['RoutingAttention', 'ClusteredAttention']
+__all__ = ['RoutingAttention', 'ClusteredAttention', 'routing_inputs']
 
 
 def kmeans_assign(x: Tensor, centroids: Tensor) -> Tensor:
@@ -48,8 +51,9 @@ def kmeans_assign(x: Tensor, centroids: Tensor) -> Tensor:
     ``argmax_c (x·c - |c|²/2)``, the scores written once (one batched ``baddbmm``).
     """
     lead = torch.broadcast_shapes(x.shape[:-2], centroids.shape[:-2])
-    xs = x.expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
-    cs = centroids.expand(*lead, *centroids.shape[-2:]).reshape(-1, *centroids.shape[-2:])
+    n = math.prod(lead)  # not -1: the batch may be empty
+    xs = x.expand(*lead, *x.shape[-2:]).reshape(n, *x.shape[-2:])
+    cs = centroids.expand(*lead, *centroids.shape[-2:]).reshape(n, *centroids.shape[-2:])
     score = torch.baddbmm(-0.5 * cs.pow(2).sum(-1).unsqueeze(-2), xs, cs.transpose(-1, -2))
     return score.argmax(dim=-1).reshape(*lead, x.shape[-2])
 
@@ -107,10 +111,8 @@ class RoutingAttention(TokenMixer):
         super().__init__(
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
-        self.num_clusters = check_int(num_clusters, 'num_clusters')
-        if not 0 <= decay < 1:
-            raise ValueError(f'decay must be in [0, 1), got {decay}')
-        self.decay = float(decay)
+        self.num_clusters = check_int('num_clusters', num_clusters)
+        self.decay = check_float('decay', decay, 0., 1., high_open=True)
         self.register_buffer('centroids', torch.empty(num_heads, num_clusters, self.head_dim, device=device,
                                                       dtype=dtype))
         self.reset_centroids()
@@ -122,29 +124,42 @@ class RoutingAttention(TokenMixer):
                 self.centroids.copy_(F.normalize(torch.randn(self.centroids.shape), dim=-1))
 
     @torch.no_grad()
+    @torch.autocast('cuda', enabled=False)
+    @torch.autocast('cpu', enabled=False)
     def update_centroids(self, qn: Tensor, kn: Tensor, weight: Tensor) -> None:
-        """One online k-means step: move each centroid toward the mean of the unit q and k routed to it."""
-        x = torch.cat([qn, kn], dim=-2).transpose(0, 1).flatten(1, 2).float()  # [H, B·2N, D]
+        """One online k-means step: move each centroid toward the mean of the unit q and k routed to it (in the
+        dtype of ``qn``, at least float32, also under autocast)."""
+        x = torch.cat([qn, kn], dim=-2).transpose(0, 1).flatten(1, 2)  # [H, B·2N, D], at least float32
         w = torch.cat([weight, weight], dim=-1).expand(qn.shape[0], qn.shape[1], -1).transpose(0, 1).flatten(1)
-        means, counts = cluster_means(x, kmeans_assign(x, self.centroids.float()), self.num_clusters, w)
-        new = self.decay * self.centroids.float() + (1 - self.decay) * means
+        old = self.centroids.to(x.dtype)
+        means, counts = cluster_means(x, kmeans_assign(x, old), self.num_clusters, w)
+        new = self.decay * old + (1 - self.decay) * means
         keep = (counts > 0).unsqueeze(-1)
-        self.centroids.copy_(torch.where(keep, F.normalize(new, dim=-1), self.centroids.float()))
+        self.centroids.copy_(torch.where(keep, F.normalize(new, dim=-1), old))
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        kpm, _ = self.check_input(x, attn_mask, is_causal)
+        q, k, v = self.split_heads(x)
+        with_norms = not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
+        qr, kr = routing_inputs(x, q, k, self.qkv.weight, self.qkv.bias, with_norms)
+        return self.merge_heads(self.routed_attention(q, k, v, kpm, qr, kr))
 
     def attend(
             self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
             is_causal: bool,
     ) -> Tensor:
+        return self.routed_attention(q, k, v, key_padding_mask, q, k)
+
+    def routed_attention(
+            self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, q_route: Tensor, k_route: Tensor,
+    ) -> Tensor:
+        """Attention of ``q, k, v`` [B, H, N, D] within the clusters that ``q_route``, ``k_route`` (the same
+        vectors, possibly computed in a wider dtype; see `routing_inputs`) are routed to."""
         B, H, N, D = q.shape
         kc = self.num_clusters
         w = min(N, -(-N // kc))
         key_mask = key_mask_of(key_padding_mask, q)  # [B, 1, N]
-        qn, kn = F.normalize(q.detach(), dim=-1), F.normalize(k.detach(), dim=-1)
-        mu = self.centroids.to(q.dtype)
-        # padded tokens rank last (similarities are in [-1, 1]), so they never take the place of a real one
-        pad = ~key_mask.unsqueeze(-2)
-        q_idx = torch.einsum('bhnd,hcd->bhcn', qn, mu).float().masked_fill(pad, -2.).topk(w, dim=-1).indices
-        k_idx = torch.einsum('bhnd,hcd->bhcn', kn, mu).float().masked_fill(pad, -2.).topk(w, dim=-1).indices
+        qn, kn, q_idx, k_idx = route(q_route, k_route, self.centroids, key_mask, w)
         qs = gather_rows(q.unsqueeze(2), q_idx)  # [B, H, k, w, D]
         ks, vs = gather_rows(k.unsqueeze(2), k_idx), gather_rows(v.unsqueeze(2), k_idx)
         mask = torch.gather(key_mask.unsqueeze(2).expand(B, H, kc, N), -1, k_idx).unsqueeze(-2)
@@ -157,11 +172,52 @@ class RoutingAttention(TokenMixer):
         top = torch.full((B, H, N), EMPTY_LSE, dtype=lse.dtype, device=q.device)
         top = top.scatter_reduce(-1, flat_idx, flat_lse, reduce='amax').detach()
         wts = torch.exp(flat_lse - torch.gather(top, -1, flat_idx)) * (flat_lse > EMPTY_LSE)
-        num = torch.zeros(B, H, N, D, dtype=out.dtype, device=q.device).index_put(
+        num = torch.zeros(B, H, N, D, dtype=wts.dtype, device=q.device).index_put(  # summed in at least float32
             (torch.arange(B, device=q.device)[:, None, None], torch.arange(H, device=q.device)[None, :, None],
-             flat_idx), out.flatten(2, 3) * wts.unsqueeze(-1).to(out.dtype), accumulate=True)
+             flat_idx), out.flatten(2, 3).to(wts.dtype) * wts.unsqueeze(-1), accumulate=True)
         den = torch.zeros(B, H, N, dtype=wts.dtype, device=q.device).scatter_add(-1, flat_idx, wts)
-        return num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1).to(num.dtype)
+        return (num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)).to(v.dtype)
+
+
+@torch.fx.wrap
+@torch.no_grad()
+def route(q: Tensor, k: Tensor, centroids: Tensor, key_mask: Tensor, w: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Balanced routing: each centroid takes its ``w`` nearest queries and keys.
+
+    The routing (unit vectors, their similarities to the centroids, the top-w) runs in at least float32, also
+    under autocast: in 16 bits near-ties swap and whole clusters change. A leaf for `torch.fx`.
+
+    Args:
+        q, k: [B, H, N, D]; centroids: [H, C, D]; key_mask: [B, 1, N] bool (False = padding); w: tokens per cluster.
+
+    Returns:
+        ``(unit q, unit k [B, H, N, D], query indices, key indices [B, H, C, w])``.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        qn, kn = F.normalize(upcast(q), dim=-1), F.normalize(upcast(k), dim=-1)
+        mu = centroids.to(qn.dtype)
+        # padded tokens rank last (similarities are in [-1, 1]), so they never take the place of a real one
+        pad = ~key_mask.unsqueeze(-2)
+        q_idx = torch.einsum('bhnd,hcd->bhcn', qn, mu).masked_fill(pad, -2.).topk(w, dim=-1).indices
+        k_idx = torch.einsum('bhnd,hcd->bhcn', kn, mu).masked_fill(pad, -2.).topk(w, dim=-1).indices
+    return qn, kn, q_idx, k_idx
+
+
+@torch.fx.wrap
+def routing_inputs(
+        x: Tensor, q: Tensor, k: Tensor, weight: Tensor, bias: Tensor | None, with_norms: bool,
+) -> tuple[Tensor, Tensor]:
+    """The q and k [B, H, N, D] that route, in float32 when the projection ran in 16 bits (a 16-bit module or
+    autocast): recomputed from ``x`` [B, N, C] and the first two thirds of the ``qkv`` projection, so that the
+    routing sees what a float32 module sees. With q/k norms (whose parameters may be 16-bit) ``q``, ``k`` are
+    returned as they are (the routing still runs in float32 on them). A leaf for `torch.fx` (it tests dtypes)."""
+    if with_norms or q.dtype not in (torch.float16, torch.bfloat16):
+        return q, k
+    B, H, N, D = q.shape
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        qk = F.linear(x.float(), weight[:2 * H * D].float(), None if bias is None else bias[:2 * H * D].float())
+    q32, k32 = qk.reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    return q32, k32
 
 
 @register(
@@ -210,9 +266,9 @@ class ClusteredAttention(SeededMixin, TokenMixer):
         super().__init__(
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
-        self.num_clusters = check_int(num_clusters, 'num_clusters')
-        self.iterations = check_int(iterations, 'iterations', 0)
-        self.bits = None if bits is None else check_int(bits, 'bits')
+        self.num_clusters = check_int('num_clusters', num_clusters)
+        self.iterations = check_int('iterations', iterations)
+        self.bits = None if bits is None else check_int('bits', bits)
         self.init_seed(seed)
 
     @torch.no_grad()
@@ -220,9 +276,9 @@ class ClusteredAttention(SeededMixin, TokenMixer):
         """k-means cluster ids ``[B, H, N]`` of the queries ``q [B, H, N, D]`` (``weight [B, 1, N]``: 0 = padding)."""
         N, D = q.shape[-2:]
         C = min(self.num_clusters, N)
-        x = q.float()
+        x = upcast(q)
         if self.bits is not None:
-            planes = torch.randn(D, self.bits, generator=seeded_generator(self.seed)).to(q.device)
+            planes = torch.randn(D, self.bits, generator=seeded_generator(self.seed)).to(q.device, x.dtype)
             x = torch.sign(torch.matmul(x, planes))  # ±1 codes: squared distance = 4 · Hamming distance
         # initial centroids: C real queries evenly spaced among the real ones (padded queries last)
         valid = weight.expand(q.shape[:-1]) > 0  # [B, H, N]

@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .._utils import check_int
 from ..registry import register
 from ._base import TokenMixer, softmax_attention
-from ._sparse_utils import check_int, key_mask_of, pad_to_multiple
+from ._sparse_utils import key_mask_of, pad_to_multiple
 
 __all__ = ['MemoryCompressedAttention']
 
@@ -64,8 +65,8 @@ class MemoryCompressedAttention(TokenMixer):
         super().__init__(
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
-        self.compression = check_int(compression, 'compression')
-        check_int(groups, 'groups')
+        self.compression = check_int('compression', compression)
+        check_int('groups', groups)
         if dim % groups:
             raise ValueError(f'groups={groups} must divide dim={dim}')
         conv = dict(kernel_size=compression, stride=compression, groups=groups, device=device, dtype=dtype)
@@ -76,7 +77,7 @@ class MemoryCompressedAttention(TokenMixer):
         """``[B, H, N, D]`` (N a multiple of s) -> ``[B, H, N/s, D]``."""
         B, H, N, D = x.shape
         y = conv(x.transpose(2, 3).reshape(B, H * D, N))  # [B, C, N/s]
-        return y.reshape(B, H, D, -1).transpose(2, 3).contiguous()  # contiguous: SDPA's fused CPU kernel
+        return y.reshape(B, H, D, y.shape[-1]).transpose(2, 3).contiguous()  # contiguous: SDPA's fused CPU kernel
 
     def attend(
             self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..registry import register
 from ._base import TokenMixer
 
-__all__ = ['FNetMixer']
+__all__ = ['FNetMixer', 'fourier_mix']
 
 
 @register(
@@ -29,7 +29,8 @@ class FNetMixer(TokenMixer):
     """FNet's Fourier mixing sublayer ``Re(FFT2(x))`` over tokens and channels (in float32 or wider).
 
     Args:
-        dim, num_heads, ...: accepted for timm's attention factory; ``dim`` is checked, the rest is unused.
+        dim, num_heads, ...: accepted for timm's attention factory; ``dim``, ``num_heads`` and the dropout rates are
+            checked, all but ``dim`` are unused.
 
     Shapes:
         x: [B, N, C] -> [B, N, C].
@@ -51,9 +52,22 @@ class FNetMixer(TokenMixer):
             dtype=None,
     ) -> None:
         super().__init__(
-            dim, num_heads, False, False, False, False, 0., 0., None, use_qkv=False, use_proj=False, device=device,
+            dim, num_heads, False, False, False, False, attn_drop, proj_drop, None, use_qkv=False, use_proj=False,
+            device=device,
             dtype=dtype)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         self.check_input(x, attn_mask, is_causal)
-        return torch.fft.fft2(x.to(torch.promote_types(x.dtype, torch.float32)), dim=(-2, -1)).real.to(x.dtype)
+        return fourier_mix(x)
+
+
+@torch.fx.wrap
+def fourier_mix(x: Tensor) -> Tensor:
+    """``Re(FFT2(x))`` over the last two dims of ``x`` [B, N, C], in at least float32, returned in x's dtype.
+
+    An empty ``x`` (a batch of 0) is returned as a copy (it holds no element): the CPU FFT library refuses empty
+    transforms. The shape test is why `torch.fx` keeps this function as one leaf call.
+    """
+    if x.numel() == 0:
+        return x.clone()
+    return torch.fft.fft2(x.to(torch.promote_types(x.dtype, torch.float32)), dim=(-2, -1)).real.to(x.dtype)

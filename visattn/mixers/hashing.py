@@ -20,13 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils import check_int
 from ..registry import register
 from ._base import TokenMixer
 from ._sparse_utils import (
     SeededMixin,
     active_dropout,
     attention_lse,
-    check_int,
     gather_rows,
     key_mask_of,
     look_back,
@@ -90,10 +90,10 @@ class ReformerAttention(SeededMixin, TokenMixer):
         super().__init__(
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
-        self.bucket_size = check_int(bucket_size, 'bucket_size')
-        self.n_hashes = check_int(n_hashes, 'n_hashes')
+        self.bucket_size = check_int('bucket_size', bucket_size)
+        self.n_hashes = check_int('n_hashes', n_hashes)
         if n_buckets is not None:
-            check_int(n_buckets, 'n_buckets')
+            check_int('n_buckets', n_buckets)
             if n_buckets > 1 and n_buckets % 2:
                 raise ValueError(f'n_buckets must be 1 or even (angular LSH), got {n_buckets}')
         self.n_buckets = n_buckets

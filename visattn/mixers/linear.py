@@ -24,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils import check_int
 from ..ops import linear_attention
+from ..ops._dispatch import upcast
 from ..registry import register
 from ._base import TokenMixer
 
@@ -129,12 +131,12 @@ class EfficientAttention(TokenMixer):
             self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
             is_causal: bool,
     ) -> Tensor:
+        q, logits = upcast(q), upcast(k)
         if self.normalization == 'scaling':
-            return self.attn_drop(_mean_mix(q.float(), k.float(), v, key_padding_mask))
-        rq = torch.softmax(q.float(), dim=-1)
-        logits = k.float()
+            return self.attn_drop(_mean_mix(q, logits, v, key_padding_mask))
+        rq = torch.softmax(q, dim=-1)
         if key_padding_mask is not None:
-            logits = logits.masked_fill(~key_padding_mask[:, None, :, None], torch.finfo(torch.float32).min)
+            logits = logits.masked_fill(~key_padding_mask[:, None, :, None], torch.finfo(logits.dtype).min)
         rk = _zero_padding(torch.softmax(logits, dim=-2), key_padding_mask)  # softmax over positions
         return self.attn_drop(_linear(rq, rk, v))
 
@@ -166,7 +168,7 @@ class FastAttention(TokenMixer):
             self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
             is_causal: bool,
     ) -> Tensor:
-        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+        q, k = F.normalize(upcast(q), dim=-1), F.normalize(upcast(k), dim=-1)
         return self.attn_drop(_mean_mix(q, k, v, key_padding_mask))
 
 
@@ -249,11 +251,10 @@ class Performer(_KernelAttention):
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
         D = self.head_dim
-        self.nb_features = max(1, round(D * math.log(D))) if nb_features is None else nb_features
-        if isinstance(self.nb_features, bool) or not isinstance(self.nb_features, int) or self.nb_features < 1:
-            raise ValueError(f'nb_features must be a positive int or None, got {nb_features!r}')
-        if feature_redraw_interval is not None and feature_redraw_interval < 1:
-            raise ValueError(f'feature_redraw_interval must be >= 1 or None, got {feature_redraw_interval!r}')
+        default = max(1, round(D * math.log(D)))
+        self.nb_features = default if nb_features is None else check_int('nb_features', nb_features)
+        if feature_redraw_interval is not None:
+            check_int('feature_redraw_interval', feature_redraw_interval)
         self.feature_redraw_interval = feature_redraw_interval
         self.scaling = scaling
         self.register_buffer('projection', orthogonal_gaussian(
@@ -267,9 +268,10 @@ class Performer(_KernelAttention):
         self.calls_since_redraw = 0
 
     def features(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        w = self.projection.float()
+        q, k = upcast(q), upcast(k)
+        w = self.projection.to(q.dtype)  # the compute dtype of the input, whatever the buffer's
         c = self.head_dim ** -0.25
-        q, k = q.float() * c, k.float() * c
+        q, k = q * c, k * c
         half_w = w.square().sum(-1) / 2  # |ω_i|²/2 [m]: moved from the key features to the query features
         lq = q @ w.T - q.square().sum(-1, keepdim=True) / 2 + half_w  # [B, H, N, m]
         lk = k @ w.T - k.square().sum(-1, keepdim=True) / 2 - half_w  # = -|k - ω_i|²/2 <= 0: no overflow

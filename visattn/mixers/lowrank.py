@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .._utils import check_int
+from ..ops._dispatch import upcast
 from ..registry import register
 from ._base import TokenMixer, check_length, check_seq_len, masked_softmax, softmax_attention
 
@@ -38,7 +40,7 @@ class Linformer(TokenMixer):
         dim, num_heads, ...: as `TokenMixer`.
         seq_len: n, the longest input (required); a shorter input uses the first N columns of E and F (the
             same as zero-padding it to n).
-        k: projected length (default ``min(256, seq_len)``: the paper's usual k = 256, never above n).
+        k: projected length, in [1, seq_len] (default ``min(256, seq_len)``: the paper's usual k = 256).
         sharing: ``'headwise'`` (default), ``'kv'`` or ``'none'``; see the module docstring.
 
     Shapes:
@@ -70,7 +72,7 @@ class Linformer(TokenMixer):
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
         self.seq_len = check_seq_len(seq_len)
-        self.k = check_seq_len(min(256, seq_len) if k is None else k, 'k')
+        self.k = min(256, self.seq_len) if k is None else check_int('k', k, 1, self.seq_len)  # k <= n: a reduction
         if sharing not in ('headwise', 'kv', 'none'):
             raise ValueError(f"sharing must be 'headwise', 'kv' or 'none', got {sharing!r}")
         self.sharing = sharing
@@ -174,13 +176,10 @@ class Nystromformer(TokenMixer):
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
         self.num_landmarks = check_seq_len(num_landmarks, 'num_landmarks')
-        if isinstance(pinv_iterations, bool) or not isinstance(pinv_iterations, int) or pinv_iterations < 1:
-            raise ValueError(f'pinv_iterations must be a positive int, got {pinv_iterations!r}')
-        self.pinv_iterations = pinv_iterations
+        self.pinv_iterations = check_int('pinv_iterations', pinv_iterations)
         self.conv = None
         if conv_kernel_size is not None:
-            if isinstance(conv_kernel_size, bool) or not isinstance(conv_kernel_size, int) or conv_kernel_size < 1 \
-                    or conv_kernel_size % 2 == 0:
+            if check_int('conv_kernel_size', conv_kernel_size) % 2 == 0:
                 raise ValueError(f'conv_kernel_size must be a positive odd int or None, got {conv_kernel_size!r}')
             self.conv = nn.Conv2d(
                 num_heads, num_heads, (conv_kernel_size, 1), padding=(conv_kernel_size // 2, 0), groups=num_heads,
@@ -193,7 +192,7 @@ class Nystromformer(TokenMixer):
         B, H, N, D = q.shape
         dtype = v.dtype
         valid = torch.ones(B, N, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
-        q, k, vf = q.float() * self.scale, k.float(), v.float()
+        q, k, vf = upcast(q) * self.scale, upcast(k), upcast(v)
         m = math.ceil(N / math.ceil(N / min(self.num_landmarks, N)))
         q_l, q_ok = _segment_means(q, valid, m)  # [B, H, m, D], [B, 1, m]
         k_l, k_ok = _segment_means(k, valid, m)

@@ -14,12 +14,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .._utils import check_int
+from ..ops._dispatch import upcast
 from ..registry import register
 from ._base import TokenMixer, softmax_attention
 from ._sparse_utils import (
     SeededMixin,
     ceil_log,
-    check_int,
     gather_rows,
     key_mask_of,
     seeded_generator,
@@ -75,7 +76,7 @@ class ProbSparseAttention(SeededMixin, TokenMixer):
         super().__init__(
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
-        self.factor = check_int(factor, 'factor')
+        self.factor = check_int('factor', factor)
         self.init_seed(seed)
         self.resample_each_forward = resample_each_forward
 
@@ -92,7 +93,7 @@ class ProbSparseAttention(SeededMixin, TokenMixer):
         for start in range(0, N, QUERY_CHUNK):  # chunks of queries bound the [.., n, n_sample, D] gather
             sl = slice(start, start + QUERY_CHUNK)
             ks = k[:, :, idx[sl]]  # [B, H, n, n_sample, D]
-            s = torch.einsum('bhnd,bhnsd->bhns', q[:, :, sl], ks).float() * self.scale
+            s = upcast(torch.einsum('bhnd,bhnsd->bhns', q[:, :, sl], ks)) * self.scale
             valid = key_mask[..., idx[sl]]  # [B, 1, n, n_sample]
             top = s.masked_fill(~valid, float('-inf')).amax(-1)
             mean = (s * valid).sum(-1) / valid.sum(-1).clamp_min(1)

@@ -18,9 +18,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .._utils import check_float, check_int
+from ..ops._dispatch import upcast
 from ..registry import register
 from ._base import TokenMixer
-from ._sparse_utils import active_dropout, attention_lse, check_int, key_mask_of, pad_to_multiple
+from ._sparse_utils import active_dropout, attention_lse, key_mask_of, pad_to_multiple
 
 __all__ = ['SinkhornAttention']
 
@@ -78,11 +80,9 @@ class SinkhornAttention(TokenMixer):
         super().__init__(
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
-        self.bucket_size = check_int(bucket_size, 'bucket_size')
-        self.sinkhorn_iters = check_int(sinkhorn_iters, 'sinkhorn_iters', 0)
-        if not temperature > 0:
-            raise ValueError(f'temperature must be > 0, got {temperature}')
-        self.temperature = float(temperature)
+        self.bucket_size = check_int('bucket_size', bucket_size)
+        self.sinkhorn_iters = check_int('sinkhorn_iters', sinkhorn_iters)
+        self.temperature = check_float('temperature', temperature, 0., None, low_open=True)
         self.gumbel_noise = gumbel_noise
         self.sort_net = nn.Linear(self.head_dim, self.head_dim, bias=False, device=device, dtype=dtype)
 
@@ -90,7 +90,7 @@ class SinkhornAttention(TokenMixer):
         """Soft block permutation ``[B, H, nb, nb]`` from blocked ``q``, ``k`` ``[B, H, nb, b, D]`` and
         ``key_mask [B, 1, nb, b]`` (padding is left out of the pooled block representations)."""
         w = key_mask.unsqueeze(-1).to(q.dtype)
-        logits = torch.matmul(self.sort_net((q * w).sum(-2)), (k * w).sum(-2).transpose(-1, -2)).float()
+        logits = upcast(torch.matmul(self.sort_net((q * w).sum(-2)), (k * w).sum(-2).transpose(-1, -2)))
         logits = logits * self.scale
         if self.gumbel_noise and self.training:
             u = torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
+from .._utils import check_int
 from ..registry import register
 from ._base import TokenMixer, softmax_attention
 
@@ -88,8 +89,7 @@ class GroupedQueryAttention(FullAttention):
         super().__init__(
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             use_qkv=False, device=device, dtype=dtype)
-        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
-                or num_heads % num_kv_heads:
+        if num_heads % check_int('num_kv_heads', num_kv_heads):
             raise ValueError(
                 f'num_kv_heads must be a positive int dividing num_heads={num_heads}, got {num_kv_heads!r}')
         self.num_kv_heads = num_kv_heads

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils import check_int
 from ..ops import local_attention_1d
 from ..registry import register
 from ._base import TokenMixer
@@ -34,7 +35,6 @@ from ._sparse_utils import (
     SeededMixin,
     active_dropout,
     attention_lse,
-    check_int,
     key_mask_of,
     merge_lse,
     merge_residues,
@@ -50,7 +50,7 @@ __all__ = ['LocalAttention', 'LongformerAttention', 'BigBirdAttention', 'SparseS
 
 def check_odd_window(window: int) -> int:
     """Validate a centred window length (keys per query): an odd positive int."""
-    check_int(window, 'window')
+    check_int('window', window)
     if window % 2 == 0:
         raise ValueError(f'window must be odd (keys per query, centred on the query), got {window}')
     return window
@@ -102,7 +102,7 @@ class LocalAttention(TokenMixer):
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
         self.window = check_odd_window(window)
-        self.dilation = check_int(dilation, 'dilation')
+        self.dilation = check_int('dilation', dilation)
 
     def attend(
             self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
@@ -170,7 +170,7 @@ class LongformerAttention(TokenMixer):
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
         self.window = check_odd_window(window)
-        self.dilation = check_int(dilation, 'dilation')
+        self.dilation = check_int('dilation', dilation)
         if isinstance(global_tokens, int) or not all(isinstance(i, int) for i in global_tokens):
             raise TypeError(f'global_tokens must be a sequence of ints, got {global_tokens!r}')
         self.global_tokens = tuple(global_tokens)
@@ -282,12 +282,12 @@ class BigBirdAttention(SeededMixin, TokenMixer):
         super().__init__(
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
-        self.block_size = check_int(block_size, 'block_size')
-        self.num_window_blocks = check_int(num_window_blocks, 'num_window_blocks')
+        self.block_size = check_int('block_size', block_size)
+        self.num_window_blocks = check_int('num_window_blocks', num_window_blocks)
         if num_window_blocks % 2 == 0:
             raise ValueError(f'num_window_blocks must be odd, got {num_window_blocks}')
-        self.num_global_blocks = check_int(num_global_blocks, 'num_global_blocks', 0)
-        self.num_random_blocks = check_int(num_random_blocks, 'num_random_blocks', 0)
+        self.num_global_blocks = check_int('num_global_blocks', num_global_blocks, 0)
+        self.num_random_blocks = check_int('num_random_blocks', num_random_blocks, 0)
         self.init_seed(seed)
         self._layouts: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
 
@@ -399,7 +399,7 @@ class BigBirdAttention(SeededMixin, TokenMixer):
             idx = (torch.arange(H, device=q.device)[:, None, None] * nb + rnd).flatten()
 
             def gather(t: Tensor) -> Tensor:
-                return t.contiguous().flatten(1, 2).index_select(1, idx).view(B, H, m, -1, D)
+                return t.contiguous().flatten(1, 2).index_select(1, idx).view(B, H, m, rnd.shape[-1] * b, D)
 
             vr = gather(v)
             s = scores(qm, gather(k))
@@ -450,9 +450,9 @@ class _SparseTransformerBase(TokenMixer):
         super().__init__(
             dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             device=device, dtype=dtype)
-        self.stride = None if stride is None else check_int(stride, 'stride')
+        self.stride = None if stride is None else check_int('stride', stride)
         if self.uses_summary:
-            self.summary = check_int(8 if summary is None else summary, 'summary')
+            self.summary = check_int('summary', 8 if summary is None else summary)
         elif summary is not None:
             raise ValueError(f'summary is an argument of sparse_fixed, not of {type(self).__name__}, got {summary}')
 

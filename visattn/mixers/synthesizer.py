@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .._utils import check_int
 from ..registry import register
 from ._base import TokenMixer, check_length, check_seq_len, masked_softmax
 
@@ -64,8 +65,7 @@ class FactorizedDenseLogits(nn.Module):
     def __init__(self, dim: int, num_heads: int, seq_len: int, factor: int, *, device=None, dtype=None) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if isinstance(factor, bool) or not isinstance(factor, int) or not 1 <= factor <= seq_len:
-            raise ValueError(f'factor must be an int in [1, seq_len={seq_len}], got {factor!r}')
+        check_int('factor', factor, 1, seq_len)
         self.num_heads, self.a, self.b = num_heads, factor, math.ceil(seq_len / factor)
         self.fc1 = nn.Linear(dim, dim, **dd)
         self.act = nn.ReLU()
@@ -114,8 +114,7 @@ class FactorizedRandomLogits(nn.Module):
             dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f'rank must be a positive int, got {rank!r}')
+        check_int('rank', rank)
         for name in ('r1', 'r2'):
             _random_tensor(self, name, (num_heads, seq_len, rank), trainable, std ** 0.5, device, dtype)
 
@@ -176,8 +175,9 @@ class Synthesizer(TokenMixer):
         dd = dict(device=device, dtype=dtype)
         self.seq_len = check_seq_len(seq_len)
         self.components = components
-        if factor is None:
-            factor = math.ceil(math.sqrt(self.seq_len))
+        # checked whatever the components, so that a wrong value never waits for a variant that uses it
+        factor = math.ceil(math.sqrt(self.seq_len)) if factor is None else check_int('factor', factor, 1, self.seq_len)
+        check_int('rank', rank)
         makers = {
             'dense': lambda: DenseLogits(dim, num_heads, seq_len, **dd),
             'random': lambda: RandomLogits(num_heads, seq_len, trainable, **dd),

@@ -7,6 +7,7 @@ Vyas, Pappas, Fleuret, ICML 2020, arXiv:2006.16236; the same kernel serves Perfo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch.nn.functional as F
@@ -49,7 +50,8 @@ def linear_attention(
         causal: query i attends to keys ``j <= i`` only.
         feature_map: φ applied to ``q`` and ``k`` first: ``'elu+1'`` (Katharopoulos et al.), ``'relu'``, a
             callable, or None (default: the caller applied it).
-        eps: added to the normaliser ``φ(q_i)·z`` (default 1e-6).
+        eps: added to the normaliser ``φ(q_i)·z`` (default 1e-6); must be > 0, so that all-zero features give
+            zeros, not NaN.
         backend: ``'auto'`` (Triton on CUDA, else PyTorch; ``VISATTN_BACKEND`` overrides), ``'torch'`` or
             ``'triton'``.
 
@@ -60,8 +62,11 @@ def linear_attention(
         ValueError, TypeError: wrong shapes, dtypes, devices or arguments (the message names the argument).
     """
     check_qkv(q, k, v, _OP, '[B, H, N, D]')
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
-        raise ValueError(f'{_OP}: eps must be a float >= 0, got {eps!r}')
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f'{_OP}: eps must be a float in (0, inf), got {type(eps).__name__} {eps!r}')
+    if not 0 < eps < math.inf:
+        raise ValueError(f'{_OP}: eps must be a float in (0, inf) (it keeps the normaliser of all-zero features '
+                         f'from 0, which would give NaN), got {eps!r}')
     if feature_map is not None:
         if isinstance(feature_map, str):
             if feature_map not in FEATURE_MAPS:

@@ -25,7 +25,7 @@ def linear_attention_naive(q: Tensor, k: Tensor, v: Tensor, causal: bool = False
         q, k: [B, H, N, Dk], non-negative features φ(q), φ(k).
         v: [B, H, N, Dv].
         causal: query i sees keys j <= i only.
-        eps: added to the normaliser.
+        eps: added to the normaliser (> 0; `linear_attention` checks it).
         chunk: chunk length of the causal path.
 
     Returns:
@@ -46,7 +46,9 @@ def linear_attention_naive(q: Tensor, k: Tensor, v: Tensor, causal: bool = False
     q, k, v = (t.unflatten(2, (-1, chunk)) for t in (q, k, v))
     v1 = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)  # the normaliser rides as a last column of ones
     states = torch.einsum('bhclk,bhclv->bhckv', k, v1)
-    states = states.cumsum(2) - states  # exclusive: the state of the chunks before each chunk
+    # exclusive: the state of the chunks before each chunk, as a shift of the inclusive sum (not ``cumsum - x``,
+    # whose rounding would let a later chunk move an earlier output)
+    states = F.pad(states.cumsum(2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
     mask = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     scores = torch.einsum('bhcik,bhcjk->bhcij', q, k).masked_fill(~mask, 0)
     out = torch.einsum('bhcij,bhcjv->bhciv', scores, v1) + torch.einsum('bhcik,bhckv->bhciv', q, states)
