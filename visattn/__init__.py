@@ -21,6 +21,22 @@ from .registry import (
 
 __version__ = '0.1.0'
 
+
+def _register_fx_leaves() -> None:
+    """Make every block and mixer class a leaf of timm's ``torch.fx`` tracer (``register_notrace_module``), as
+    timm does for its own modules with shape-dependent Python: a traced model calls them as modules."""
+    import torch.nn as nn
+    from timm.layers import register_notrace_module
+
+    for package in (layers, mixers):
+        for name in package.__all__:
+            obj = getattr(package, name)
+            if isinstance(obj, type) and issubclass(obj, nn.Module):
+                register_notrace_module(obj)
+
+
+_register_fx_leaves()
+
 __all__ = [
     'AttnInfo', 'UnknownNameError', 'create_attn', 'create_mixer', 'get_attn', 'get_mixer', 'info', 'layers',
     'list_attn', 'list_families', 'list_mixers', 'list_models', 'mixers', 'models', 'register',

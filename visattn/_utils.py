@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn as nn
 from torch import Tensor
 
@@ -24,12 +25,10 @@ def reduced_channels(
 ) -> int:
     """Width of a reduction bottleneck: ``rd_channels`` if given, else ``channels * rd_ratio`` rounded to
     a multiple of ``rd_divisor`` (the rd_ratio / rd_channels / rd_divisor trio of timm)."""
+    rd_ratio = check_float('rd_ratio', rd_ratio, 0., 1., low_open=True)
+    check_int('rd_divisor', rd_divisor)
     if rd_channels is not None:
-        if rd_channels < 1:
-            raise ValueError(f'rd_channels must be >= 1, got {rd_channels}')
-        return int(rd_channels)
-    if not 0 < rd_ratio <= 1:
-        raise ValueError(f'rd_ratio must be in (0, 1], got {rd_ratio}')
+        return check_int('rd_channels', rd_channels)
     return max(min_channels, make_divisible(channels * rd_ratio, rd_divisor))
 
 
@@ -42,14 +41,83 @@ def check_channels(channels: int, name: str = 'channels') -> int:
     return channels
 
 
+def check_int(name: str, value: int, minimum: int | None = 1, maximum: int | None = None) -> int:
+    """Validate an integer constructor argument: an ``int`` (not a bool) in ``[minimum, maximum]`` (None = open).
+
+    Raises:
+        TypeError: ``value`` is not an int, naming ``name``.
+        ValueError: ``value`` is out of range, naming ``name``, the range and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{name} must be an int, got {type(value).__name__} {value!r}')
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        low = '-inf' if minimum is None else minimum
+        high = 'inf' if maximum is None else maximum
+        raise ValueError(f'{name} must be an int in [{low}, {high}], got {value!r}')
+    return value
+
+
+def check_float(
+        name: str, value: float, low: float | None = None, high: float | None = None, *,
+        low_open: bool = False, high_open: bool = False,
+) -> float:
+    """Validate a real constructor argument: an int or float (not a bool) in the interval ``low .. high``
+    (``low_open`` / ``high_open`` exclude the ends; None = unbounded). Returns it as a float.
+
+    Raises:
+        TypeError: ``value`` is not a real number, naming ``name``.
+        ValueError: ``value`` is outside the interval (or NaN), naming ``name``, the interval and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'{name} must be a number, got {type(value).__name__} {value!r}')
+    value = float(value)
+    bad = value != value
+    if low is not None:
+        bad = bad or value < low or (low_open and value == low)
+    if high is not None:
+        bad = bad or value > high or (high_open and value == high)
+    if bad:
+        interval = (('(' if low_open else '[') + ('-inf' if low is None else f'{low:g}') + ', '
+                    + ('inf' if high is None else f'{high:g}') + (')' if high_open else ']'))
+        raise ValueError(f'{name} must be in {interval}, got {value!r}')
+    return value
+
+
+def check_prob(name: str, value: float) -> float:
+    """Validate a probability (a dropout rate, say): a number in [0, 1]."""
+    return check_float(name, value, 0., 1.)
+
+
+def check_odd(name: str, value: int) -> int:
+    """Validate a kernel or neighbourhood size centred on its pixel: an odd int >= 1."""
+    if check_int(name, value) % 2 == 0:
+        raise ValueError(f'{name} must be an odd int >= 1 (centred on the pixel), got {value!r}')
+    return value
+
+
+def is_fx_proxy(x: Tensor) -> bool:
+    """True for a ``torch.fx`` proxy: a traced value whose shape is unknown until the graph runs."""
+    if not torch.jit.is_scripting():
+        return isinstance(x, torch.fx.Proxy)
+    return False
+
+
 def check_nchw(x: Tensor, channels: int, block: str) -> None:
-    """Raise a ``ValueError`` naming ``block`` unless ``x`` is ``[B, channels, H, W]``."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f'{block}: x must be a torch.Tensor, got {type(x).__name__}')
+    """Raise a ``ValueError`` naming ``block`` unless ``x`` is ``[B, channels, H, W]``.
+
+    Works in TorchScript (the check runs in the scripted graph); under ``torch.fx`` symbolic tracing it is
+    skipped, as the traced value has no shape yet (visattn's blocks are leaves for timm's tracer, so the check
+    runs when the traced graph calls them).
+    """
+    if not torch.jit.is_scripting():
+        if is_fx_proxy(x):
+            return
+        if not isinstance(x, Tensor):
+            raise TypeError(f'{block}: x must be a torch.Tensor, got {type(x).__name__}')
     if x.dim() != 4:
-        raise ValueError(f'{block}: x must be [B, C, H, W] (4 dims), got shape {tuple(x.shape)}')
+        raise ValueError(f'{block}: x must be [B, C, H, W] (4 dims), got shape {list(x.shape)}')
     if x.shape[1] != channels:
-        raise ValueError(f'{block}: x has {x.shape[1]} channels, expected {channels} (shape {tuple(x.shape)})')
+        raise ValueError(f'{block}: x has {x.shape[1]} channels, expected {channels} (shape {list(x.shape)})')
 
 
 def softmax_fp32(x: Tensor, dim: int) -> Tensor:
@@ -59,19 +127,29 @@ def softmax_fp32(x: Tensor, dim: int) -> Tensor:
     return torch.softmax(x, dim=dim)
 
 
-def mean_expanded_grad(x: Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> Tensor:
+def mean_expanded_grad(x: Tensor, dim: list[int], keepdim: bool = False) -> Tensor:
     """``x.mean(dim)`` as the sum divided on the reduced tensor, so that its backward is a broadcast view of the
     small gradient: PyTorch's mean divides the expanded gradient into a new full-size map."""
-    dims = (dim,) if isinstance(dim, int) else dim
     n = 1
-    for d in dims:
+    for d in dim:
         n *= x.shape[d]
     return x.sum(dim, keepdim=keepdim) / n
 
 
-def needs_grad(*tensors: Tensor) -> bool:
+def needs_grad(tensors: list[Tensor]) -> bool:
     """True when autograd records an op on ``tensors``; in-place updates of intermediates are safe otherwise."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t.requires_grad:
+            return True
+    return False
+
+
+def is_compiling() -> bool:
+    """True while ``torch.compile`` traces: blocks take their plain PyTorch path there (the compiler fuses it),
+    not their hand-written autograd functions and kernels."""
+    return torch.compiler.is_compiling()
 
 
 def fused_act_name(act: nn.Module, gate: nn.Module) -> str | None:
@@ -99,7 +177,11 @@ def masked_softmax_fp32(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     """Softmax over ``dim`` in at least float32 of ``scores`` where ``mask`` is True; masked entries get 0 and a
     fully masked row gives zeros (never NaN, also in the backward). Returns float32 (float64 for float64)."""
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if torch.jit.is_scripting():  # torch.finfo is not scriptable: the same values, float32's or float64's
+        lowest = -3.4028234663852886e38 if scores.dtype == torch.float32 else -1.7976931348623157e308
+    else:
+        lowest = torch.finfo(scores.dtype).min
+    scores = scores.masked_fill(~mask, lowest)
     return torch.softmax(scores, dim=dim) * mask
 
 
@@ -156,6 +238,7 @@ class QueryKeyValue2d(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
+        self.block_name = type(self).__name__
         self.rd_channels = rd_channels
         self.query = nn.Conv2d(channels, rd_channels, 1, **dd)
         self.key = nn.Conv2d(channels, rd_channels, 1, **dd)
@@ -173,5 +256,5 @@ class QueryKeyValue2d(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, self.block_name)
         return x + self.attend(x)

@@ -9,3 +9,6 @@ __all__ = [
     'AttnResNet', 'AxialBottleneck', 'ContextResNet', 'filter_fitting_weights', 'halonet_cfg', 'LocalAttnResNet',
     'SasaBottleneck', 'SKBottleneck', 'vit_mixer_layer',
 ]
+
+# timm model-name patterns that TorchScript cannot compile, each with the reason (timm's EXCLUDE_JIT_FILTERS).
+NOT_SCRIPTABLE: dict[str, str] = {}

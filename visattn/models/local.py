@@ -197,8 +197,11 @@ _RESNETS.update({
     'axial_resnet50_convstem': (dict(_AXIAL, stem='conv'), '2003.07853'),
 })
 
+# the layers that see the image, per stem (timm adapts them to ``in_chans`` when it loads weights)
+_FIRST_CONV = {'conv': 'conv1', 'sasa': ('conv1.qk', 'conv1.v'), 'axial': 'conv1.height.qkv'}
+
 default_cfgs = generate_default_cfgs({
-    **{name: default_cfg(arxiv) for name, (_, arxiv) in _RESNETS.items()},
+    **{name: default_cfg(arxiv, first_conv=_FIRST_CONV[args['stem']]) for name, (args, arxiv) in _RESNETS.items()},
     **{name: default_cfg(
         '2103.12731', input_size=(3, size, size), pool_size=(size // 32, size // 32), crop_pct=0.95,
         interpolation='bicubic', first_conv='stem.conv1.conv', classifier='head.fc')

@@ -24,6 +24,7 @@ from timm.models import generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor
 
+from .._utils import is_fx_proxy
 from ..layers.bam import BottleneckAttnModule
 from ..layers.cbam import Cbam
 from ..layers.eca import EfficientChannelAttn
@@ -84,7 +85,7 @@ class _AddFusedTail:
     def attn_add(self, x: Tensor, shortcut: Tensor) -> Tensor:
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        if self.se is not None and self.drop_path is None:
+        if self.se is not None and self.drop_path is None and not is_fx_proxy(x):  # fx: the block is a leaf
             return self.se.forward_add(x, shortcut)
         if self.se is not None:
             x = self.se(x)

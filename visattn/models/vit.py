@@ -67,7 +67,7 @@ def _cfg(mixer: str) -> dict[str, Any]:
     return default_cfg(
         info(f'mixer:{mixer}').arxiv, hf_hub_id=f'timm/{_BASE}.augreg_in21k_ft_in1k', input_size=(3, 224, 224),
         pool_size=None, crop_pct=0.9, interpolation='bicubic', mean=IMAGENET_INCEPTION_MEAN,
-        std=IMAGENET_INCEPTION_STD, first_conv='patch_embed.proj', classifier='head')
+        std=IMAGENET_INCEPTION_STD, first_conv='patch_embed.proj', classifier='head', fixed_input_size=True)
 
 
 _MIXERS = list_mixers()

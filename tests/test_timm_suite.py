@@ -1,0 +1,95 @@
+"""timm's own model tests (``tests/test_models.py`` of timm's sdist) over visattn's models, through
+``tools/timm_suite.py``: a sample of every test function on a model of every block family and every mixer family in
+the default run, every model in the slow run.
+
+``.ci/run`` fetches the sdist; under ``CI=true`` a missing sdist fails the test instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import visattn
+from visattn.registry import _ENTRIES
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location('timm_suite', ROOT / 'tools' / 'timm_suite.py')
+timm_suite = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(timm_suite)
+
+# timm's tests that load published weights over the network (none is reachable in CI, and the visattn ViTs reuse
+# timm's ViT-S weights); every other test function of the suite runs.
+NEEDS_NETWORK = 'not test_model_load_pretrained'
+
+# one backbone per 2-D block family (the cheapest), and per mixer family its first mixer in a ViT-S/16
+BLOCK_SAMPLE = ['resnet18_se', 'resnet18_cbam', 'resnet18_gc', 'sasa_resnet26']
+# the tests whose cost grows with depth x taps run on one ViT only
+VIT_HEAVY = 'test_prune_intermediate_layers_contract or test_model_forward_intermediates'
+
+
+def mixer_sample() -> list[str]:
+    first: dict[str, str] = {}
+    for name, (_, meta) in sorted(_ENTRIES['mixer'].items()):
+        first.setdefault(meta.family, name)
+    return [f'vit_small_patch16_224_{m}' for m in first.values()]
+
+
+def _require_sdist() -> None:
+    if not timm_suite.sdist_path().exists():
+        if os.environ.get('CI', '').lower() == 'true':
+            pytest.fail(f"timm's sdist is missing at {timm_suite.sdist_path()}; .ci/run fetches it")
+        pytest.skip("timm's sdist is not cached; run `python tools/timm_suite.py --fetch`")
+
+
+def _run(models: list[str], expr: str) -> None:
+    cmd = [sys.executable, str(ROOT / 'tools' / 'timm_suite.py'), '--models', ','.join(models), '--',
+           '-q', '--tb=short', '-x', '-k', expr]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert ' passed' in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+def test_sample_covers_every_family() -> None:
+    models = set(visattn.list_models())
+    sample = set(BLOCK_SAMPLE) | set(mixer_sample())
+    assert sample <= models
+    assert len(mixer_sample()) == len({meta.family for _, meta in _ENTRIES['mixer'].values()})
+
+
+def test_timm_suite_blocks_sample() -> None:
+    _require_sdist()
+    _run(BLOCK_SAMPLE, NEEDS_NETWORK)
+
+
+def test_timm_suite_mixers_sample() -> None:
+    _require_sdist()
+    vits = mixer_sample()
+    _run(vits, f'{NEEDS_NETWORK} and not ({VIT_HEAVY})')
+    _run(vits[:1], f'{NEEDS_NETWORK} and ({VIT_HEAVY})')
+
+
+@pytest.mark.slow
+def test_timm_suite_every_model() -> None:
+    _require_sdist()
+    _run(visattn.list_models(), NEEDS_NETWORK)
+
+
+def test_prepared_suite_extends_timm_lists(tmp_path: Path) -> None:
+    _require_sdist()
+    test = timm_suite.prepare(tmp_path).read_text()
+    assert "FEAT_INTER_FILTERS = ['context', 'local', 'resnet', 'vit'] + [" in test
+    assert 'EXCLUDE_JIT_FILTERS = ' in test
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'tools' / 'timm_suite.py'), '--models', 'resnet18_se', '--', '--co', '-q'],
+        capture_output=True, text=True, cwd=ROOT)
+    collected = [line for line in proc.stdout.splitlines() if '::' in line]
+    assert collected and all('resnet18_se' in line for line in collected)
+    assert {line.split('::')[1].split('[')[0] for line in collected} >= {
+        'test_model_forward', 'test_model_backward', 'test_model_default_cfgs', 'test_model_forward_torchscript',
+        'test_model_forward_fx', 'test_model_backward_fx', 'test_model_forward_intermediates'}
