@@ -108,8 +108,9 @@ def launches() -> Iterator[Launch]:
         # CCNet at [2, 512, 97, 97]: q, k of 64 channels, v of 512, lines of 97
         for column in (False, True):
             cfgs = cc._kernel_cfgs(cc.blocks(97, 64, 512, size), size)
-            for fn, role in ((cc._cc_fwd_kernel, 'fwd'), (cc._cc_bwd_dq_kernel, 'dqdk'),
-                             (cc._cc_bwd_dk_kernel, 'dqdk'), (cc._cc_bwd_dv_kernel, 'dv')):
+            for fn, role in ((cc._cc_fwd_kernel, 'fwd'), (cc._cc_bwd_stats_kernel, 'dqdk'),
+                             (cc._cc_bwd_dq_kernel, 'dqdk'), (cc._cc_bwd_dk_kernel, 'dqdk'),
+                             (cc._cc_bwd_dv_kernel, 'dv')):
                 yield Launch('criss_cross', f'97×97 {"column" if column else "row"}', fn,
                              dict(cfgs[role], COLUMN=column), dtype)
         for d, dilation, has_rpb in ((32, 1, True), (64, 2, False)):  # NAT's heads, 7×7 windows on 56×56

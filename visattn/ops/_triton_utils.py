@@ -39,6 +39,21 @@ def online_softmax_step(m, s_sum, acc, s, v):
 
 
 @triton.jit
+def online_rowsum_step(m, s_sum, acc, s, x):
+    """``online_softmax_step`` for one value per (query, key) pair: fold the float32 scores ``s`` [M, N] (-inf where
+    masked) and values ``x`` [M, N] into the running maximum ``m``, sum ``s_sum`` and ``acc = Σ exp(s - m)·x``, all
+    [M]. A backward folds dP = dO·Vᵀ into it to get delta = rowsum(P·dP) = acc / s_sum from the same P and dP as
+    dS = P·(dP - delta) (where P is one-hot, delta is then dP at that key exactly and dS cancels to 0, as in torch's
+    softmax backward), and then takes P = exp(s - m) / s_sum: m and s_sum kept apart rather than folded into a
+    log-sum-exp m + log(s_sum), whose float32 rounding at |m| ~ 100 (half an ulp: 4e-6) moves every P of the row."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return m_new, s_sum * alpha + tl.sum(p, 1), acc * alpha + tl.sum(p * x, 1)
+
+
+@triton.jit
 def softmax_finish(acc, m, s_sum):
     """Output ``acc / s_sum`` and log-sum-exp of an online softmax (zeros and +inf for a row with no key)."""
     empty = s_sum == 0.0

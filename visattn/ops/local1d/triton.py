@@ -2,12 +2,17 @@
 
 Undilated windows run on banded FlashAttention-style kernels: a block of ``BLOCK_M`` queries meets only the key
 tiles of its band, scores come from tensor-core products of q and k tiles, positions outside each query's
-window are masked, and the softmax is online (running maximum and sum in float32); the forward saves the
-log-sum-exp per query. The backward recomputes the probabilities: ``_local_bwd_dq_kernel`` walks the band of a
-query block for dq (and saves ``delta = rowsum(do·o)``), ``_local_bwd_dkdv_kernel`` walks the transposed band of
-a key block for dk and dv, without atomics. A dilated window stays inside its query's residue class mod the
-dilation, where it is an undilated window: dilation d runs the same kernels on the d strided subsequences
-(gathered into at most two batches of equal length, the outputs put back in place).
+window are masked, and the softmax is online (running maximum and sum in float32). The backward recomputes the
+softmax from q and k alone: ``_local_bwd_dq_kernel`` walks the band of a query block twice, first for the row
+maximum and sum of the softmax and ``delta = rowsum(P·dP)`` of the very scores and dP = dO·Vᵀ it differentiates
+(saved for the other kernel), then for dq; ``_local_bwd_dkdv_kernel`` walks the transposed band of a key block for
+dk and dv, without atomics, forming S and dP in the same [queries, keys] orientation so that they agree bit for
+bit. delta taken from the forward's output instead, rowsum(dO·O), is dP at the winning key of a near one-hot
+softmax only up to rounding, which dS = P·(dP - delta) keeps (large logits: gradients of 2e-6 where they are
+6e-11); and P = exp(S - max) / sum, not exp(S - lse), whose float32 log-sum-exp at logits ~100 is off by up to
+4e-6. A dilated window stays inside its query's residue class mod the dilation, where it is an undilated window:
+dilation d runs the same kernels on the d strided subsequences (gathered into at most two batches of equal length,
+the outputs put back in place).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._dispatch import bf16_via_fp32, tile_rows
-from .._triton_utils import online_softmax_step, softmax_finish, store_rows
+from .._triton_utils import online_rowsum_step, online_softmax_step, softmax_finish, store_rows
 from .naive import window_offsets
 
 
@@ -39,7 +44,7 @@ def _band_tile(K, V, bh, rows, cols, N, DK, DV, LO, HI, BLOCK_DK: tl.constexpr, 
 
 @triton.jit
 def _local_fwd_kernel(
-        Q, K, V, Out, LSE, N, DK, DV, scale, LO, HI,
+        Q, K, V, Out, N, DK, DV, scale, LO, HI,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)
@@ -55,38 +60,61 @@ def _local_fwd_kernel(
         k, v, inside = _band_tile(K, V, bh, rows, n0 + tl.arange(0, BLOCK_N), N, DK, DV, LO, HI, BLOCK_DK, BLOCK_DV)
         s = tl.where(inside, tl.dot(q, tl.trans(k)).to(tl.float32) * scale, float('-inf'))
         m, s_sum, acc = online_softmax_step(m, s_sum, acc, s, v)
-    out, lse = softmax_finish(acc, m, s_sum)
+    out, _ = softmax_finish(acc, m, s_sum)
     store_rows(Out, bh * N * DV, rows, dv, rows < N, DV, out)
-    tl.store(LSE + bh * N + rows, lse, mask=rows < N)
+
+
+@triton.jit
+def _scores_and_dp(q, do, K, V, bh, rows, cols, N, DK, DV, scale, LO, HI, BLOCK_DK: tl.constexpr,
+                   BLOCK_DV: tl.constexpr):
+    """The key tile ``cols``, the scores S = scale·q·kᵀ (float32, -inf outside the window) and dP = dO·vᵀ, both
+    [queries, keys]: both backward kernels form them in this orientation, so that they agree bit for bit."""
+    k, v, inside = _band_tile(K, V, bh, rows, cols, N, DK, DV, LO, HI, BLOCK_DK, BLOCK_DV)
+    s = tl.where(inside, tl.dot(q, tl.trans(k)).to(tl.float32) * scale, float('-inf'))
+    return k, s, tl.dot(do, tl.trans(v)).to(tl.float32)
 
 
 @triton.jit
 def _local_bwd_dq_kernel(
-        Q, K, V, Out, DO, LSE, DELTA, DQ, N, DK, DV, scale, LO, HI,
+        Q, K, V, DO, MAX, SUM, DELTA, DQ, N, DK, DV, scale, LO, HI,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    # first over the band for the softmax statistics and delta = rowsum(P·dP) of these very S and dP (saved for the
+    # dk/dv kernel), then again for dS = P·(dP - delta). The first loop is not software-pipelined (num_stages=1):
+    # pipelining both makes the float32 kernel at heads of 128 spill on sm_90
     bh = tl.program_id(1).to(tl.int64)
     m0 = tl.program_id(0) * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
     q = _tile(Q, bh * N * DK, rows, dk, N, DK)
-    do = _tile(DO, bh * N * DV, rows, dv, N, DV)
-    delta = tl.sum(do.to(tl.float32) * _tile(Out, bh * N * DV, rows, dv, N, DV).to(tl.float32), 1)
+    do = _tile(DO, bh * N * DV, rows, tl.arange(0, BLOCK_DV), N, DV)
+    m = tl.full([BLOCK_M], float('-inf'), tl.float32)
+    s_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    start, stop = tl.maximum(m0 + LO, 0), tl.minimum(m0 + BLOCK_M + HI, N)
+    for n0 in tl.range(start, stop, BLOCK_N, num_stages=1):
+        _, s, dp = _scores_and_dp(q, do, K, V, bh, rows, n0 + tl.arange(0, BLOCK_N), N, DK, DV, scale, LO, HI,
+                                  BLOCK_DK, BLOCK_DV)
+        m, s_sum, acc = online_rowsum_step(m, s_sum, acc, s, dp)
+    m = tl.where(m == float('-inf'), 0.0, m)  # a row past N may meet no key
+    s_sum = tl.where(s_sum == 0.0, 1.0, s_sum)
+    delta = acc / s_sum
+    inv_sum = 1.0 / s_sum
+    tl.store(MAX + bh * N + rows, m, mask=rows < N)
+    tl.store(SUM + bh * N + rows, s_sum, mask=rows < N)
     tl.store(DELTA + bh * N + rows, delta, mask=rows < N)
-    lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
-    for n0 in range(tl.maximum(m0 + LO, 0), tl.minimum(m0 + BLOCK_M + HI, N), BLOCK_N):
-        k, v, inside = _band_tile(K, V, bh, rows, n0 + tl.arange(0, BLOCK_N), N, DK, DV, LO, HI, BLOCK_DK, BLOCK_DV)
-        p = tl.where(inside, tl.exp(tl.dot(q, tl.trans(k)).to(tl.float32) * scale - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None])
+    for n0 in range(start, stop, BLOCK_N):
+        k, s, dp = _scores_and_dp(q, do, K, V, bh, rows, n0 + tl.arange(0, BLOCK_N), N, DK, DV, scale, LO, HI,
+                                  BLOCK_DK, BLOCK_DV)
+        ds = tl.exp(s - m[:, None]) * inv_sum[:, None] * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k).to(tl.float32)
     store_rows(DQ, bh * N * DK, rows, dk, rows < N, DK, dq * scale)
 
 
 @triton.jit
 def _local_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DKg, DVg, N, DK, DV, scale, LO, HI,
+        Q, K, V, DO, MAX, SUM, DELTA, DKg, DVg, N, DK, DV, scale, LO, HI,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # key block [n0, n0 + BLOCK_N) is seen by the queries i = j - rel, rel in [LO, HI]
@@ -95,22 +123,19 @@ def _local_bwd_dkdv_kernel(
     cols = n0 + tl.arange(0, BLOCK_N)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    k = _tile(K, bh * N * DK, cols, dk, N, DK)
-    v = _tile(V, bh * N * DV, cols, dv, N, DV)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for m0 in range(tl.maximum(n0 - HI, 0), tl.minimum(n0 + BLOCK_N - LO, N), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         q = _tile(Q, bh * N * DK, rows, dk, N, DK)
         do = _tile(DO, bh * N * DV, rows, dv, N, DV)
-        lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=0.0)
+        m = tl.load(MAX + bh * N + rows, mask=rows < N, other=float('inf'))
+        inv_sum = 1.0 / tl.load(SUM + bh * N + rows, mask=rows < N, other=1.0)
         delta = tl.load(DELTA + bh * N + rows, mask=rows < N, other=0.0)
-        rel = cols[:, None] - rows[None, :]  # [keys, queries]
-        inside = (rel >= LO) & (rel <= HI) & (rows[None, :] < N)
-        pt = tl.where(inside, tl.exp(tl.dot(k, tl.trans(q)).to(tl.float32) * scale - lse[None, :]), 0.0)
-        dv_acc += tl.dot(pt.to(do.dtype), do).to(tl.float32)
-        dst = pt * (tl.dot(v, tl.trans(do)).to(tl.float32) - delta[None, :])
-        dk_acc += tl.dot(dst.to(q.dtype), q).to(tl.float32)
+        _, s, dp = _scores_and_dp(q, do, K, V, bh, rows, cols, N, DK, DV, scale, LO, HI, BLOCK_DK, BLOCK_DV)
+        p = tl.exp(s - m[:, None]) * inv_sum[:, None]  # [queries, keys]
+        dv_acc += tl.dot(tl.trans(p).to(do.dtype), do).to(tl.float32)
+        dk_acc += tl.dot(tl.trans(p * (dp - delta[:, None])).to(q.dtype), q).to(tl.float32)
     store_rows(DKg, bh * N * DK, cols, dk, cols < N, DK, dk_acc * scale)
     store_rows(DVg, bh * N * DV, cols, dv, cols < N, DV, dv_acc)
 
@@ -137,25 +162,24 @@ class LocalAttnFn(torch.autograd.Function):
         # [B, H, N, D] -> [B·H, N, D]
         q, k, v = (t.contiguous().view(b * h, n, t.shape[-1]) for t in (q, k, v))
         out = torch.empty_like(v)
-        lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
         fwd, bwd = _configs(dk, dv, q.element_size())
         sizes = dict(N=n, DK=dk, DV=dv, scale=scale, LO=lo, HI=hi)
-        _local_fwd_kernel[(triton.cdiv(n, fwd['BLOCK_M']), b * h)](Q=q, K=k, V=v, Out=out, LSE=lse, **sizes, **fwd)
-        ctx.save_for_backward(q, k, v, out, lse)
+        _local_fwd_kernel[(triton.cdiv(n, fwd['BLOCK_M']), b * h)](Q=q, K=k, V=v, Out=out, **sizes, **fwd)
+        ctx.save_for_backward(q, k, v)
         ctx.cfg, ctx.shape = {**sizes, **bwd}, (b, h)
         return out.view(b, h, n, dv)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v = ctx.saved_tensors
         bh, n, dk = q.shape
         dv = v.shape[-1]
         do = grad.contiguous().view(bh, n, dv)
         dq, dkg, dvg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        delta = torch.empty_like(lse)
+        stats = dict(zip(('MAX', 'SUM', 'DELTA'), torch.empty(3, bh, n, device=q.device, dtype=torch.float32)))
         grid = (triton.cdiv(n, ctx.cfg['BLOCK_M']), bh)
-        _local_bwd_dq_kernel[grid](Q=q, K=k, V=v, Out=out, DO=do, LSE=lse, DELTA=delta, DQ=dq, **ctx.cfg)
-        _local_bwd_dkdv_kernel[grid](Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DKg=dkg, DVg=dvg, **ctx.cfg)
+        _local_bwd_dq_kernel[grid](Q=q, K=k, V=v, DO=do, DQ=dq, **stats, **ctx.cfg)
+        _local_bwd_dkdv_kernel[grid](Q=q, K=k, V=v, DO=do, DKg=dkg, DVg=dvg, **stats, **ctx.cfg)
         b, h = ctx.shape
         return dq.view(b, h, n, dk), dkg.view(b, h, n, dk), dvg.view(b, h, n, dv), None, None, None
 
