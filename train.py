@@ -7,7 +7,8 @@
     torchrun --nproc_per_node 8 train.py -c configs/imagenet/resnet50_se.yaml --data-dir /path/to/imagenet
 
 A YAML config (``-c``) sets the defaults, the command line overrides them; ``python train.py --help`` lists
-every option. See ``visattn.engine`` for the pieces.
+every option. A mistake in the options, the data or a checkpoint ends with one line on stderr and exit status 2
+(``--debug`` shows the traceback). See ``visattn.engine`` for the pieces.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 import visattn  # noqa: F401  (registers the visattn models with timm)
-from visattn.engine import parse_args, run
+from visattn.engine import cli, parse_args, run
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -24,4 +25,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

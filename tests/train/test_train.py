@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 import visattn  # noqa: F401
-from visattn.engine import CheckpointError, build_parser, load_yaml, parse_args, run
+from visattn.engine import CheckpointError, ConfigError, build_parser, load_yaml, parse_args, run
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -58,8 +58,13 @@ def test_short_run_lowers_loss_and_writes_outputs(full_run):
     assert [int(r['epoch']) for r in rows] == [0, 1, 2]
     assert set(rows[0]) == {'epoch', 'train_loss', 'lr', 'eval_loss', 'eval_top1', 'eval_top5'}
     assert float(rows[-1]['train_loss']) < float(rows[0]['train_loss'])
-    for name in ('last.safetensors', 'best.safetensors', 'state.pt', 'config.yaml', 'summary.png'):
+    for name in ('last.safetensors', 'best.safetensors', 'checkpoint.json', 'config.yaml', 'summary.png'):
         assert (run_dir / name).is_file(), name
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in run_dir.iterdir():  # the user's umask, not mkstemp's 0600
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+    assert not (run_dir / 'run.lock').exists()  # released at the end
     assert metrics['eval_top1'] == pytest.approx(float(rows[-1]['eval_top1']))
     # the saved config is loadable again with -c and names the run's options
     cfg = load_yaml(run_dir / 'config.yaml', build_parser())
@@ -88,14 +93,20 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(folder, tmp_path)
 def test_resume_rejects_corrupt_and_mismatched_checkpoints(full_run, folder, tmp_path):
     run_dir, _ = full_run
     common = ['--data-dir', str(folder), '--epochs', '3', '--output', str(tmp_path), *TINY]
-    with pytest.raises(CheckpointError, match='model'):
+    config = (run_dir / 'config.yaml').read_bytes()
+    with pytest.raises(CheckpointError, match=r"another run \(model: checkpoint 'resnet18_se', this run 'resnet18_eca"):
         run(parse_args([*common, '--model', 'resnet18_eca', '--resume', str(run_dir)]))
+    assert (run_dir / 'config.yaml').read_bytes() == config  # a refused resume writes nothing
     bad = tmp_path / 'bad'
     bad.mkdir()
-    (bad / 'state.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(CheckpointError, match='corrupt'):
+    (bad / 'checkpoint.json').write_bytes(b'not a checkpoint')
+    with pytest.raises(CheckpointError, match='checkpoint.json: corrupt manifest'):
         run(parse_args([*common, '--resume', str(bad)]))
-    with pytest.raises(CheckpointError, match='no checkpoint'):
+    (bad / 'checkpoint.json').unlink()
+    (bad / 'state.pt').write_bytes(b'a checkpoint of an older visattn')
+    with pytest.raises(CheckpointError, match='older visattn'):
+        run(parse_args([*common, '--resume', str(bad)]))
+    with pytest.raises(ConfigError, match='no checkpoint'):
         run(parse_args([*common, '--resume', str(tmp_path / 'nowhere')]))
 
 
@@ -122,7 +133,7 @@ def test_config_sets_defaults_and_command_line_overrides(tmp_path):
     cfg.write_text(yaml.safe_dump({'learning_rate': 0.2}))
     with pytest.raises(ValueError, match='learning_rate'):
         parse_args(['-c', str(cfg)])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match='config file not found'):
         parse_args(['-c', str(tmp_path / 'none.yaml')])
 
 

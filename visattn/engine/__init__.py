@@ -1,10 +1,11 @@
 """The training engine behind ``train.py``: configuration, tasks, the loop, checkpoints, distribution."""
 
-from .checkpoint import CheckpointError, init_from, read_weights, save_weights
-from .config import build_parser, load_yaml, parse_args, save_config
-from .runner import run
+from .checkpoint import CheckpointError, init_from, load_checkpoint, read_weights, save_weights
+from .config import ConfigError, build_parser, load_yaml, parse_args, save_config
+from .rundir import RunFolderError, RunLock
+from .runner import cli, run
 
 __all__ = [
-    'CheckpointError', 'build_parser', 'init_from', 'load_yaml', 'parse_args', 'read_weights', 'run', 'save_config',
-    'save_weights',
+    'CheckpointError', 'ConfigError', 'RunFolderError', 'RunLock', 'build_parser', 'cli', 'init_from',
+    'load_checkpoint', 'load_yaml', 'parse_args', 'read_weights', 'run', 'save_config', 'save_weights',
 ]

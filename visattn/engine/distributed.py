@@ -38,6 +38,8 @@ def init_distributed(device: str = '') -> DistInfo:
     rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
     if device:
         dev = torch.device(device)
+        if dev.type == 'cuda' and dev.index is None:
+            dev = torch.device('cuda', local_rank)
     else:
         dev = torch.device(f'cuda:{local_rank}') if torch.cuda.is_available() else torch.device('cpu')
     if dev.type == 'cuda':

@@ -77,7 +77,7 @@ def train_one_epoch(
             with autocast(dist_info.device, args.amp):
                 loss = task.loss(model, images, targets)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch}, batch {i}')
+                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1}, batch {i + 1}')
             scaled = loss / args.grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         meter.update(loss.item(), images.shape[0])

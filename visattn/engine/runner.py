@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import random
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +23,16 @@ from torch.utils.data import DataLoader
 
 from ..data import EpochSampler, ShardSampler
 from . import checkpoint as ckpt
-from .config import save_config
+from . import rundir
+from .config import ConfigError, parse_args, save_config, subject
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .loop import Task, train_one_epoch
 from .plot import plot_summary
 
 RESUME_KEYS = ('task', 'model', 'dataset', 'num_classes', 'in_chans', 'small_input_stem', 'head', 'epochs',
-               'batch_size', 'grad_accum', 'opt', 'sched', 'seed', 'iters', 'eval_interval')
+               'batch_size', 'grad_accum', 'opt', 'sched', 'seed', 'iters', 'eval_interval', 'model_ema')
+# the errors that are the user's to fix: one line and exit status 2 (OSError: a missing or unreadable data path)
+USER_ERRORS = (ConfigError, ckpt.CheckpointError, rundir.RunFolderError, FloatingPointError, ValueError, OSError)
 
 
 def seed_everything(seed: int) -> None:
@@ -45,6 +51,9 @@ def build_task(args: Any, dist_info: DistInfo, log: Any) -> Task:
 
 
 def run_dir_of(args: Any) -> Path:
+    """The run folder: the one ``--resume`` names, else ``<output>/<experiment>``."""
+    if args.resume:
+        return ckpt.resolve_resume(args.resume)
     name = args.experiment or f'{args.model}-{args.head + "-" if args.task == "segmentation" else ""}{args.dataset}'
     return Path(args.output) / name
 
@@ -58,12 +67,14 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def _loaders(task: Task, args: Any, dist_info: DistInfo) -> tuple[DataLoader, DataLoader, EpochSampler]:
     sampler = EpochSampler(len(task.train_set), num_samples=task.samples_per_epoch, rank=dist_info.rank,
                            world_size=dist_info.world_size, seed=args.seed)
+    drop_last = task.extra.get('drop_last', False) if args.drop_last is None else args.drop_last
+    if args.batch_size > len(sampler) and args.drop_last is not False:
+        raise ConfigError(f'{subject(args, "batch_size")} must be at most the {len(sampler)} training samples per '
+                          f'process (or pass --drop-last false for one partial batch per epoch), got {args.batch_size}')
     gen = torch.Generator().manual_seed(args.seed)
     train = DataLoader(task.train_set, args.batch_size, sampler=sampler, num_workers=args.workers,
-                       drop_last=task.extra.get('drop_last', False), generator=gen,
-                       pin_memory=dist_info.device.type == 'cuda', persistent_workers=False)
-    if len(train) == 0:
-        raise ValueError(f'batch size {args.batch_size} is larger than the {len(sampler)} training samples per rank')
+                       drop_last=drop_last, generator=gen, pin_memory=dist_info.device.type == 'cuda',
+                       persistent_workers=False)
     val = DataLoader(task.val_set, task.val_batch_size or args.batch_size, num_workers=args.workers,
                      sampler=ShardSampler(len(task.val_set), rank=dist_info.rank, world_size=dist_info.world_size))
     return train, val, sampler
@@ -78,6 +89,29 @@ def run(args: Any) -> dict[str, float]:
         cleanup()
 
 
+def cli(argv: Sequence[str] | None = None, prog: str = 'train.py') -> int:
+    """``train.py`` as a command: returns the exit status. A mistake of the user (options, data, a checkpoint, a
+    busy run folder) is one line on stderr and status 2; ``--debug`` raises it with its traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = any(a in ('--debug', '--debug=true') for a in argv)  # before the options parse (or fail to)
+    try:
+        args = parse_args(argv)
+        debug = args.debug
+        run(args)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        message = ' '.join(str(e).split()) or type(e).__name__
+        print(f'{prog}: error: {message}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f'{prog}: interrupted; the last complete checkpoint is intact (--resume continues)', file=sys.stderr)
+        return 130
+    return 0
+
+
 def _run(args: Any, dist_info: DistInfo) -> dict[str, float]:
     log = print if dist_info.is_main else (lambda *a, **k: None)
     if args.threads:
@@ -88,15 +122,23 @@ def _run(args: Any, dist_info: DistInfo) -> dict[str, float]:
     model = task.model.to(dist_info.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    run_dir = run_dir_of(args)
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(args, run_dir / 'config.yaml')
-    log(f'{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; '
-        f'{len(task.train_set)} training / {len(task.val_set)} validation samples; '
-        f'{dist_info.world_size} process(es) on {dist_info.device}; outputs in {run_dir}')
-
     train_loader, val_loader, sampler = _loaders(task, args, dist_info)
+    run_dir = run_dir_of(args)
+    lock = rundir.prepare(run_dir, resume=bool(args.resume), overwrite=args.overwrite, log=log) \
+        if dist_info.is_main else None
+    try:
+        barrier()
+        log(f'{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; '
+            f'{len(task.train_set)} training / {len(task.val_set)} validation samples; '
+            f'{dist_info.world_size} process(es) on {dist_info.device}; outputs in {run_dir}')
+        return _fit(args, dist_info, task, model, train_loader, val_loader, sampler, run_dir, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(args: Any, dist_info: DistInfo, task: Task, model: nn.Module, train_loader: DataLoader,
+         val_loader: DataLoader, sampler: EpochSampler, run_dir: Path, log: Any) -> dict[str, float]:
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum)
@@ -106,20 +148,23 @@ def _run(args: Any, dist_info: DistInfo) -> dict[str, float]:
         step_on_epochs=False, updates_per_epoch=updates_per_epoch)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     scaler = torch.amp.GradScaler(dist_info.device.type) if args.amp == 'fp16' else None
+    config = {k: getattr(args, k) for k in RESUME_KEYS}
 
-    start_epoch, best = 0, {'metric': -math.inf, 'epoch': -1}
+    start_epoch, best, history, manifest = 0, {'metric': -math.inf, 'epoch': -1}, [], None
     if args.resume:
-        state = ckpt.load_state(args.resume, model, {k: getattr(args, k) for k in RESUME_KEYS})
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        if ema is not None and state.get('ema') is not None:
-            ema.load_state_dict(state['ema'])
-        if scaler is not None and state.get('scaler') is not None:
-            scaler.load_state_dict(state['scaler'])
-        start_epoch, best = state['epoch'] + 1, state['best']
+        state, manifest = ckpt.load_checkpoint(run_dir, model, config, ema=ema, fallback=args.resume_fallback,
+                                               log=log)
+        _restore(state, run_dir / manifest['current']['files']['state']['name'],
+                 optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler)
+        start_epoch, best, history = state['epoch'] + 1, state['best'], state['history']
         if dist_info.is_main:
-            _truncate_csv(run_dir / 'summary.csv', state['epoch'])
-        log(f'resumed from {args.resume} at epoch {start_epoch}')
+            ckpt.publish(run_dir, manifest, clean=False)  # what the manifest on disk names stays
+            _write_summary(run_dir / 'summary.csv', history)
+        log(f'resumed from {run_dir / ckpt.MANIFEST} at epoch {start_epoch + 1}')
+        if start_epoch >= num_epochs:
+            log(f'the run in {run_dir} is already complete ({num_epochs} epochs)')
+    if dist_info.is_main:
+        save_config(args, run_dir / 'config.yaml')
 
     ddp_model: nn.Module = model
     if dist_info.distributed:
@@ -128,31 +173,37 @@ def _run(args: Any, dist_info: DistInfo) -> dict[str, float]:
         ddp_model = DistributedDataParallel(
             model, device_ids=[dist_info.device.index] if dist_info.device.type == 'cuda' else None)
     summary_path = run_dir / 'summary.csv'
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {k: v for k, v in history[-1].items() if k != 'epoch'} if history else {}
     t0 = time.time()
     for epoch in range(start_epoch, num_epochs):
         sampler.set_epoch(epoch)
         seed_everything(epoch_seed(args.seed, epoch, dist_info.rank))
         train_loader.generator.manual_seed(epoch_seed(args.seed, epoch, dist_info.rank))
-        metrics = train_one_epoch(ddp_model, train_loader, task, optimizer, scheduler, epoch, args, dist_info,
-                                  ema=ema, scaler=scaler)
+        try:
+            metrics = train_one_epoch(ddp_model, train_loader, task, optimizer, scheduler, epoch, args, dist_info,
+                                      ema=ema, scaler=scaler)
+        except FloatingPointError as e:
+            if manifest is None or not args.resume:
+                raise
+            resumed = run_dir / manifest['current']['files']['weights']['name']
+            raise FloatingPointError(f'{e}, after resuming from {resumed} (the checkpoint of epoch {start_epoch}): '
+                                     'its weights or optimizer state may be damaged') from None
         metrics.update(task.evaluate(model, val_loader))
         if ema is not None:
             metrics.update({f'ema_{k}': v for k, v in task.evaluate(ema.module, val_loader).items()})
         is_best = metrics[task.best_key] > best['metric']
         if is_best:
             best = {'metric': metrics[task.best_key], 'epoch': epoch}
+        history = [*history, {'epoch': epoch, **metrics}]
         if dist_info.is_main:
-            row = {'epoch': epoch, **metrics}
-            _append_csv(summary_path, row, new=epoch == 0 or not summary_path.exists())
-            if is_best:
-                ckpt.save_weights(model, run_dir / ckpt.BEST_WEIGHTS,
-                                  metadata={'epoch': str(epoch), task.best_key: f'{metrics[task.best_key]:.4f}'})
-            ckpt.save_state(run_dir, model, {
-                'epoch': epoch, 'best': best, 'config': {k: getattr(args, k) for k in RESUME_KEYS},
+            manifest = ckpt.save_checkpoint(run_dir, model, {
+                'epoch': epoch, 'best': best, 'config': config, 'history': history,
                 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
                 'ema': ema.state_dict() if ema is not None else None,
-                'scaler': scaler.state_dict() if scaler is not None else None})
+                'scaler': scaler.state_dict() if scaler is not None else None},
+                epochs=num_epochs, is_best=is_best, previous=manifest,
+                metadata={task.best_key: f'{metrics[task.best_key]:.4f}'})
+            _write_summary(summary_path, history)
         shown = ', '.join(f'{k} {v:.4g}' for k, v in metrics.items())
         log(f'epoch {epoch + 1}/{num_epochs} ({time.time() - t0:.0f}s): {shown}')
         barrier()
@@ -167,22 +218,22 @@ def _run(args: Any, dist_info: DistInfo) -> dict[str, float]:
     return dict(metrics, best=best['metric'])
 
 
-def _truncate_csv(path: Path, last_epoch: int) -> None:
-    """Drop the rows after ``last_epoch`` (written by a run that stopped before saving its state)."""
-    if not path.exists():
-        return
-    with open(path, newline='') as f:
-        rows = list(csv.reader(f))
-    keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= last_epoch]
-    with open(path, 'w', newline='') as f:
-        csv.writer(f).writerows(keep)
+def _restore(state: dict[str, Any], path: Path, **parts: Any) -> None:
+    """Load the optimizer, scheduler, EMA and scaler states; one that does not fit names its entry."""
+    for key, part in parts.items():
+        if part is None:
+            continue
+        try:
+            part.load_state_dict(state[key])
+        except Exception as e:
+            raise ckpt.CheckpointError(f'{path}: entry {key!r} does not fit this run ({ckpt.first_line(e)})'
+                                       ) from None
 
 
-def _append_csv(path: Path, row: dict[str, Any], new: bool) -> None:
-    if new:
-        with open(path, 'w', newline='') as f:
-            csv.DictWriter(f, fieldnames=list(row)).writeheader()
-    with open(path, newline='') as f:
-        fields = next(csv.reader(f))
-    with open(path, 'a', newline='') as f:
-        csv.DictWriter(f, fieldnames=fields, extrasaction='ignore').writerow(row)
+def _write_summary(path: Path, history: list[dict[str, Any]]) -> None:
+    """``summary.csv``, one row per epoch of ``history``, written atomically."""
+    buf = io.StringIO(newline='')
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]) if history else ['epoch'], extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(history)
+    ckpt.atomic_write(path, buf.getvalue().encode())
