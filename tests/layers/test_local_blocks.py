@@ -78,8 +78,9 @@ def ref_sasa(x, m):
 
 
 def ref_halo(x, m):
-    """HaloNet: the query at pixel (s·i, s·j) attends to its b×b block grown by h, inside the image; logits
-    (q·k + q·(r^h_{a-i} + r^w_{b-j})) / sqrt(d), offsets in input pixels."""
+    """HaloNet: the query at pixel (s·i, s·j) attends to its b×b block grown by h; logits
+    (q·k + q·(r^h_{a-i} + r^w_{b-j})) / sqrt(d), offsets in input pixels. Pixels of the window outside the image are
+    zero keys and values (pad_mode='zeros') or left out (pad_mode='mask')."""
     P = _params(m)
     N, s, bs, h = m.num_heads, m.stride, m.block_size, m.halo_size
     Dq, Dv, win = m.dim_head_qk, m.dim_head_v, m.win_size
@@ -96,11 +97,15 @@ def ref_halo(x, m):
             for n in range(N):
                 qv = q[n * Dq:(n + 1) * Dq, pi, pj]
                 logits, vals = [], []
-                for a in range(max(0, r0 - h), min(H, r0 + bs + h)):
-                    for b in range(max(0, c0 - h), min(W, c0 + bs + h)):
+                for a in range(r0 - h, r0 + bs + h):
+                    for b in range(c0 - h, c0 + bs + h):
+                        inside = 0 <= a < H and 0 <= b < W
+                        if not inside and m.pad_mode == 'mask':
+                            continue
+                        key, val = (kv[n, :Dq, a, b], kv[n, Dq:, a, b]) if inside else (0 * qv, x.new_zeros(Dv))
                         rel = P['rel_height'][a - pi + win - 1] + P['rel_width'][b - pj + win - 1]
-                        logits.append((qv @ kv[n, :Dq, a, b] + qv @ rel) / math.sqrt(Dq))
-                        vals.append(kv[n, Dq:, a, b])
+                        logits.append((qv @ key + qv @ rel) / math.sqrt(Dq))
+                        vals.append(val)
                 heads.append(_softmax_dot(logits, vals))
             y[:, i, j] = torch.cat(heads)
     return y
@@ -160,14 +165,16 @@ CASES = {
     'sasa_k5': (lambda **kw: SelfAttn2d(6, 8, kernel_size=5, num_heads=2, scale=0.5, **kw), ref_sasa),
     'halo': (lambda **kw: HaloAttn(8, 12, num_heads=2, block_size=4, halo_size=1, **kw), ref_halo),
     'halo_h0': (lambda **kw: HaloAttn(6, 8, num_heads=2, dim_head=3, block_size=2, halo_size=0, **kw), ref_halo),
+    'halo_mask': (lambda **kw: HaloAttn(8, 12, num_heads=2, block_size=4, halo_size=2, pad_mode='mask', **kw),
+                  ref_halo),
     'axial': (lambda **kw: AxialAttn(6, 8, num_heads=2, feat_size=4, **kw), ref_axial),
     'axial_span': (lambda **kw: AxialAttn(6, 8, num_heads=2, span=3, **kw), ref_axial),
 }
 
 
 @pytest.mark.parametrize('case, stride, batch', [
-    ('sasa', 1, 2), ('sasa_k5', 2, 1), ('halo', 1, 1), ('halo', 2, 1), ('halo_h0', 2, 2), ('axial', 2, 1),
-    ('axial_span', 1, 1),
+    ('sasa', 1, 2), ('sasa_k5', 2, 1), ('halo', 1, 1), ('halo', 2, 1), ('halo_h0', 2, 2), ('halo_mask', 1, 1),
+    ('halo_mask', 2, 1), ('axial', 2, 1), ('axial_span', 1, 1),
 ])
 def test_matches_reference_output_and_gradients(case, stride, batch):
     make, ref = CASES[case]
@@ -308,3 +315,91 @@ def test_bad_input(name):
         m(torch.randn(1, 8, 5, 5))
     with pytest.raises(ValueError, match='4 dims'):
         m(torch.randn(16, 5, 5))
+
+
+def _timm_halo(**kwargs):
+    """timm's HaloAttn in float64 with random weights (its init leaves no term out, but its tables are random too)."""
+    from timm.layers.halo_attn import HaloAttn as TimmHaloAttn
+
+    torch.manual_seed(0)
+    m = TimmHaloAttn(**kwargs).to(torch.float64)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return m
+
+
+# timm configurations: stride 1; strided query blocks (relative offsets in query-grid steps); a stride that does not
+# divide the block (timm's avg-pool downsampling, as haloregnetz_b); biases and the scaled relative term
+TIMM_CASES = [
+    (dict(dim=16, num_heads=2, block_size=4, halo_size=1), (8, 12)),
+    (dict(dim=16, dim_out=24, num_heads=2, block_size=4, halo_size=2, stride=2), (8, 8)),
+    (dict(dim=12, num_heads=3, block_size=3, halo_size=1, stride=2, qk_ratio=0.5), (6, 12)),
+    (dict(dim=16, num_heads=2, dim_head=6, block_size=4, halo_size=3, qkv_bias=True, scale_pos_embed=True), (8, 4)),
+]
+
+
+@pytest.mark.parametrize('kwargs,hw', TIMM_CASES)
+def test_halo_timm_compat_equals_timm(kwargs, hw):
+    """compat='timm' takes timm's state dict as it is and gives timm's output and input gradient, borders included."""
+    theirs = _timm_halo(**kwargs)
+    ours = HaloAttn(kwargs['dim'], kwargs.get('dim_out'), compat='timm', dtype=torch.float64,
+                    **{k: v for k, v in kwargs.items() if k not in ('dim', 'dim_out')})
+    ours.load_state_dict(theirs.state_dict())  # strict: the same names and shapes
+    assert HaloAttn.from_timm(theirs).state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(2, kwargs['dim'], *hw, dtype=torch.float64, requires_grad=True)
+    y, y_ref = ours(x), theirs(x)
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0],
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('kwargs,hw', [(TIMM_CASES[0][0], (7, 10)), (TIMM_CASES[1][0], (5, 11))])
+def test_halo_timm_compat_runs_at_any_size(kwargs, hw):
+    """At sizes timm refuses, compat='timm' equals timm on the map zero-padded at the bottom/right to a multiple of
+    the block, cropped (the zeros pad mode: padding past the map is zero keys and values, as timm's halo padding)."""
+    theirs = _timm_halo(**kwargs)
+    ours = HaloAttn.from_timm(theirs)
+    b, s = kwargs['block_size'], kwargs.get('stride', 1)
+    x = torch.randn(1, kwargs['dim'], *hw, dtype=torch.float64)
+    padded = torch.nn.functional.pad(x, (0, -hw[1] % b, 0, -hw[0] % b))
+    want = theirs(padded)[:, :, :-(-hw[0] // s), :-(-hw[1] // s)]
+    torch.testing.assert_close(ours(x), want, rtol=1e-10, atol=1e-12)
+
+
+def test_halo_timm_model_runs_on_the_op():
+    """A timm ByobNet with halo layers, its HaloAttn modules swapped for HaloAttn.from_timm: the same logits."""
+    from timm.layers.halo_attn import HaloAttn as TimmHaloAttn
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
+
+    cfg = ByoModelCfg(blocks=(ByoBlockCfg(type='bottle', d=1, c=16, s=1, gs=0, br=0.25),
+                              ByoBlockCfg(type='self_attn', d=2, c=32, s=2, gs=0, br=0.5)),
+                      stem_chs=8, stem_type='tiered', stem_pool='maxpool', num_features=0,
+                      self_attn_layer='halo', self_attn_kwargs=dict(block_size=4, halo_size=1, num_heads=2))
+    torch.manual_seed(0)
+    model = randomize(ByobNet(cfg, num_classes=10), 0.2, lambda n, p: p.dim() == 1 and n.endswith('weight'))
+    model = model.to(torch.float64).eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        names = [n for n, mod in model.named_modules() if isinstance(mod, TimmHaloAttn)]
+        assert len(names) == 2
+        for name in names:
+            parent, _, leaf = name.rpartition('.')
+            setattr(model.get_submodule(parent), leaf, HaloAttn.from_timm(model.get_submodule(name)))
+        torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-12)
+        # 15×11 at the halo stage, which timm's HaloAttn refuses
+        assert model(torch.randn(1, 3, 60, 44, dtype=torch.float64)).shape == (1, 10)
+
+
+def test_halo_pad_modes_differ_only_at_the_border():
+    """'zeros' (the paper's) and 'mask' agree on blocks whose window lies inside the map and differ on border ones."""
+    zeros = _randomize(HaloAttn(8, 8, num_heads=2, block_size=4, halo_size=1, dtype=torch.float64)).eval()
+    mask = HaloAttn(8, 8, num_heads=2, block_size=4, halo_size=1, pad_mode='mask', dtype=torch.float64).eval()
+    mask.load_state_dict(zeros.state_dict())
+    x = torch.randn(1, 8, 12, 12, dtype=torch.float64)
+    a, b = zeros(x), mask(x)
+    torch.testing.assert_close(a[..., 4:8, 4:8], b[..., 4:8, 4:8], rtol=1e-12, atol=1e-14)  # the interior block
+    assert (a[..., :4, :] - b[..., :4, :]).abs().amax() > 1e-3

@@ -13,26 +13,36 @@ D64 = torch.float64
 needs_triton = pytest.mark.skipif(not triton_available(), reason='triton is not installed')
 
 
-def dense_halo(q, k, v, block_size, halo_size, stride=1, rel_h=None, rel_w=None, scale=None):
-    """Query (i, j) at pixel (s·i, s·j) attends to the keys (a, c) of the map with r0 - h <= a < r0 + b + h and
-    c0 - h <= c < c0 + b + h, (r0, c0) the corner of its b×b block; logit scale·(q·k + q·rel_h[a - s·i + win - 1]
-    + q·rel_w[c - s·j + win - 1])."""
+def dense_halo(q, k, v, block_size, halo_size, stride=1, rel_h=None, rel_w=None, scale=None, pad_mode='zeros',
+               rel_stride=None):
+    """Query (i, j) at pixel (s·i, s·j), in block row/column (y, x) of the block with corner (r0, c0), attends to the
+    keys (a, c) with r0 - h <= a < r0 + b + h and c0 - h <= c < c0 + b + h, taken from the map zero-padded on every
+    side (pad_mode='zeros') or only those inside the map (pad_mode='mask'); logit scale·(q·k + q·rel_h[a - r0 - r·y
+    + win - 1] + q·rel_w[c - c0 - r·x + win - 1]), r = rel_stride (default s)."""
     B, N, H, W, dk = k.shape
     hq, wq = q.shape[2], q.shape[3]
     b, h, win = block_size, halo_size, block_size + 2 * halo_size
+    bq, r = b // stride, stride if rel_stride is None else rel_stride
     scale = dk ** -0.5 if scale is None else scale
-    py, px = stride * torch.arange(hq).repeat_interleave(wq), stride * torch.arange(wq).repeat(hq)  # query pixels
-    ky, kx = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
-    r0, c0 = (py // b * b)[:, None], (px // b * b)[:, None]
-    allowed = (ky >= r0 - h) & (ky < r0 + b + h) & (kx >= c0 - h) & (kx < c0 + b + h)  # [Hq·Wq, H·W]
-    qf, kf, vf = (t.flatten(2, 3) for t in (q, k, v))
-    logits = qf @ kf.transpose(-1, -2)
+    Hp, Wp = -(-H // b) * b, -(-W // b) * b
+    # keys of the zero-padded map [-h, Hp + h) × [-h, Wp + h), flattened
+    k, v = (torch.nn.functional.pad(t, (0, 0, h, h + Wp - W, h, h + Hp - H)).flatten(2, 3) for t in (k, v))
+    ky = torch.arange(-h, Hp + h).repeat_interleave(Wp + 2 * h)
+    kx = torch.arange(-h, Wp + h).repeat(Hp + 2 * h)
+    qi, qj = torch.arange(hq).repeat_interleave(wq), torch.arange(wq).repeat(hq)  # query grid positions
+    r0, c0 = (qi // bq * b)[:, None], (qj // bq * b)[:, None]
+    allowed = (ky >= r0 - h) & (ky < r0 + b + h) & (kx >= c0 - h) & (kx < c0 + b + h)  # [Hq·Wq, keys]
+    if pad_mode == 'mask':
+        allowed &= (ky >= 0) & (ky < H) & (kx >= 0) & (kx < W)
+    qf = q.flatten(2, 3)
+    logits = qf @ k.transpose(-1, -2)
     if rel_h is not None:
-        dy = (ky[None] - py[:, None] + win - 1).clamp(0, 2 * win - 2).expand(B, N, -1, -1)  # clamped where masked
-        dx = (kx[None] - px[:, None] + win - 1).clamp(0, 2 * win - 2).expand(B, N, -1, -1)
+        dy = ky[None] - r0 - r * (qi % bq)[:, None] + win - 1
+        dx = kx[None] - c0 - r * (qj % bq)[:, None] + win - 1
+        dy, dx = (t.clamp(0, 2 * win - 2).expand(B, N, -1, -1) for t in (dy, dx))  # clamped where not allowed
         logits = logits + (qf @ rel_h.T).gather(-1, dy) + (qf @ rel_w.T).gather(-1, dx)
     attn = torch.softmax((logits * scale).masked_fill(~allowed, float('-inf')), -1)
-    return (attn @ vf).unflatten(2, (hq, wq))
+    return (attn @ v).unflatten(2, (hq, wq))
 
 
 def make_inputs(batch, heads, hw, block_size, halo_size, stride, dk, dv, with_rel, dtype=D64):
@@ -45,27 +55,31 @@ def make_inputs(batch, heads, hw, block_size, halo_size, stride, dk, dv, with_re
     return [q, k, v, *rel]
 
 
-def halo_fn(block_size, halo_size, stride, scale=None):
+def halo_fn(block_size, halo_size, stride, scale=None, pad_mode='zeros', rel_stride=None):
     def fn(q, k, v, rel_h=None, rel_w=None, *, backend):
         return ops.halo_attention_2d(q, k, v, block_size=block_size, halo_size=halo_size, stride=stride,
-                                     rel_h=rel_h, rel_w=rel_w, scale=scale, backend=backend)
+                                     rel_h=rel_h, rel_w=rel_w, scale=scale, pad_mode=pad_mode, rel_stride=rel_stride,
+                                     backend=backend)
 
     return fn
 
 
-# (H, W), b, h, s, rel: odd maps, blocks cut by the border, halo wider than the block, h = 0, no embeddings
-CASES = [((7, 9), 4, 1, 1, True), ((7, 9), 4, 2, 2, True), ((5, 6), 2, 3, 2, True), ((7, 9), 4, 0, 1, True),
-         ((9, 5), 3, 1, 1, False), ((6, 7), 4, 1, 4, True)]
+# (H, W), b, h, s, rel, rel_stride: odd maps, blocks cut by the border, halo wider than the block, h = 0, no
+# embeddings, offsets in query-grid steps (timm's strided layout)
+CASES = [((7, 9), 4, 1, 1, True, None), ((7, 9), 4, 2, 2, True, None), ((5, 6), 2, 3, 2, True, None),
+         ((7, 9), 4, 0, 1, True, None), ((9, 5), 3, 1, 1, False, None), ((6, 7), 4, 1, 4, True, None),
+         ((7, 9), 4, 2, 2, True, 1), ((6, 7), 4, 1, 4, True, 2)]
 
 
-@pytest.mark.parametrize('hw,block_size,halo_size,stride,with_rel', CASES)
-def test_naive_matches_dense_definition(hw, block_size, halo_size, stride, with_rel):
+@pytest.mark.parametrize('pad_mode', ['zeros', 'mask'])
+@pytest.mark.parametrize('hw,block_size,halo_size,stride,with_rel,rel_stride', CASES)
+def test_naive_matches_dense_definition(hw, block_size, halo_size, stride, with_rel, rel_stride, pad_mode):
     inputs = make_inputs(2, 2, hw, block_size, halo_size, stride, 5, 3, with_rel)
-    fn = halo_fn(block_size, halo_size, stride, scale=0.7)
+    fn = halo_fn(block_size, halo_size, stride, scale=0.7, pad_mode=pad_mode, rel_stride=rel_stride)
     a = [t.clone().requires_grad_() for t in inputs]
     b = [t.clone().requires_grad_() for t in inputs]
     out = fn(*a, backend='torch')
-    ref = dense_halo(*b[:3], block_size, halo_size, stride, *b[3:], scale=0.7)
+    ref = dense_halo(*b[:3], block_size, halo_size, stride, *b[3:], scale=0.7, pad_mode=pad_mode, rel_stride=rel_stride)
     assert out.shape == ref.shape == (2, 2, -(-hw[0] // stride), -(-hw[1] // stride), 3)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-8)
     g = torch.randn_like(out)
@@ -101,12 +115,16 @@ def test_triton_matches_naive(dtype, poison_empty, grads_of):
 
 
 @needs_triton
-@pytest.mark.parametrize('hw,block_size,halo_size,stride,with_rel', [
-    ((7, 9), 4, 2, 2, True), ((5, 4), 2, 3, 1, True), ((9, 5), 3, 1, 1, False),
+@pytest.mark.parametrize('hw,block_size,halo_size,stride,with_rel,pad_mode,rel_stride', [
+    ((7, 9), 4, 2, 2, True, 'zeros', None), ((5, 4), 2, 3, 1, True, 'zeros', None),
+    ((9, 5), 3, 1, 1, False, 'zeros', None),
+    ((7, 9), 4, 2, 2, True, 'mask', None), ((5, 4), 2, 3, 1, True, 'mask', None), ((7, 9), 4, 1, 2, True, 'zeros', 1),
 ])
-def test_triton_strides_and_halos(hw, block_size, halo_size, stride, with_rel, poison_empty, grads_of):
+def test_triton_strides_and_halos(hw, block_size, halo_size, stride, with_rel, pad_mode, rel_stride, poison_empty,
+                                  grads_of):
     inputs = make_inputs(2, 1, hw, block_size, halo_size, stride, 12, 6, with_rel, dtype=torch.float32)
-    check_against_torch(halo_fn(block_size, halo_size, stride), inputs, torch.float32, grads_of)
+    fn = halo_fn(block_size, halo_size, stride, pad_mode=pad_mode, rel_stride=rel_stride)
+    check_against_torch(fn, inputs, torch.float32, grads_of)
 
 
 @needs_triton
@@ -152,6 +170,9 @@ r5 = torch.randn(11, 4)  # 2·(4 + 2·1) - 1 rows
     (dict(rel_h=torch.randn(9, 4)), ValueError, r'rel_h must be \[2·\(block_size'),
     (dict(rel_w=r5.double()), TypeError, 'rel_w has dtype'),
     (dict(scale=0.0), ValueError, 'scale'),
+    (dict(pad_mode='same'), ValueError, 'pad_mode must be one of'),
+    (dict(rel_stride=3), ValueError, r'rel_stride must be in \[1, stride=2\], got 3'),
+    (dict(rel_stride=0), ValueError, 'rel_stride must be >= 1'),
     (dict(backend='cuda'), ValueError, 'backend must be one of'),
 ])
 def test_bad_input_is_named(kwargs, error, match):

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, masked_softmax_fp32
+from .._utils import check_channels, check_int, check_nchw, check_odd, masked_softmax_fp32
 from ..registry import register
 
 __all__ = ['AxialAttn', 'AxialAttnLayer']
@@ -69,16 +69,16 @@ class AxialAttnLayer(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
         self.out_channels = check_channels(out_channels or channels, 'out_channels')
-        self.num_heads = check_channels(num_heads, 'num_heads')
+        self.num_heads = check_int('num_heads', num_heads)
         if axis not in ('height', 'width'):
             raise ValueError(f"axis must be 'height' or 'width', got {axis!r}")
         if self.out_channels % (2 * num_heads):
             raise ValueError(
                 f'out_channels={self.out_channels} must be divisible by 2 * num_heads={2 * num_heads} '
                 '(q and k take half of each head)')
-        if span is not None and (check_channels(span, 'span') % 2 == 0):
-            raise ValueError(f'span must be odd (a neighbourhood centred on the query) or None, got {span}')
-        feat_size = 56 if feat_size is None else check_channels(feat_size, 'feat_size')
+        if span is not None:
+            check_odd('span', span)
+        feat_size = 56 if feat_size is None else check_int('feat_size', feat_size)
         self.axis = axis
         self.span = span
         self.head_dim = self.out_channels // num_heads
@@ -96,7 +96,7 @@ class AxialAttnLayer(nn.Module):
         nn.init.normal_(self.relative, std=self.head_dim ** -0.5)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'AxialAttnLayer')
         B, C, H, W = x.shape
         # the other axis joins the batch: [B·W, C, H] for 'height', [B·H, C, W] for 'width'
         x = x.permute(0, 3, 1, 2) if self.axis == 'height' else x.permute(0, 2, 1, 3)
@@ -179,7 +179,7 @@ class AxialAttn(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
         self.out_channels = check_channels(out_channels or channels, 'out_channels')
-        self.stride = check_channels(stride, 'stride')
+        self.stride = check_int('stride', stride)
         fh, fw = feat_size if isinstance(feat_size, (tuple, list)) else (feat_size, feat_size)
         kw = dict(num_heads=num_heads, span=span, **dd)
         self.height = AxialAttnLayer(channels, self.out_channels, axis='height', feat_size=fh, **kw)
@@ -191,5 +191,5 @@ class AxialAttn(nn.Module):
         self.width.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'AxialAttn')
         return self.pool(self.width(self.height(x)))

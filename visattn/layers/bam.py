@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, get_act, mean_expanded_grad, needs_grad, reduced_channels
+from .._utils import check_channels, check_int, check_nchw, get_act, mean_expanded_grad, needs_grad, reduced_channels
 from ..registry import register
 
 
@@ -42,8 +42,8 @@ class BottleneckAttnModule(nn.Module):
     Args:
         channels: input and output channels C.
         rd_ratio, rd_channels, rd_divisor: reduced width C/r of both branches (default r = 16).
-        dilation: dilation of the spatial branch's 3×3 convolutions (default 4).
-        num_dilated_convs: number of dilated 3×3 convolutions (default 2).
+        dilation: dilation of the spatial branch's 3×3 convolutions, >= 1 (default 4).
+        num_dilated_convs: number of dilated 3×3 convolutions, >= 0 (default 2).
         combine: ``'sum'`` (the paper, default) or ``'product'`` (the released code) of the two branches.
         act_layer: hidden activation (default ReLU).
         device, dtype: factory arguments.
@@ -69,6 +69,8 @@ class BottleneckAttnModule(nn.Module):
         super().__init__()
         if combine not in ('sum', 'product'):
             raise ValueError(f"combine must be 'sum' (paper) or 'product' (released code), got {combine!r}")
+        check_int('dilation', dilation)
+        check_int('num_dilated_convs', num_dilated_convs, 0)
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
         self.combine = combine
@@ -85,14 +87,14 @@ class BottleneckAttnModule(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'BottleneckAttnModule')
         if self.training and x.shape[0] < 2:
             raise ValueError(
-                f'{type(self).__name__}: the channel branch normalises over the batch (BatchNorm) and needs a batch '
-                f'of at least 2 in training mode, got shape {tuple(x.shape)}; use eval() for a single image')
-        mc = self.channel_att(mean_expanded_grad(x, (2, 3), keepdim=True))  # [B, C, 1, 1]
+                'BottleneckAttnModule: the channel branch normalises over the batch (BatchNorm) and needs a batch '
+                f'of at least 2 in training mode, got shape {list(x.shape)}; use eval() for a single image')
+        mc = self.channel_att(mean_expanded_grad(x, [2, 3], keepdim=True))  # [B, C, 1, 1]
         ms = self.spatial_att(x)  # [B, 1, H, W]
         att = mc + ms if self.combine == 'sum' else mc * ms  # [B, C, H, W]
-        if needs_grad(x, att):
+        if needs_grad([x, att]):
             return torch.addcmul(x, x, att.sigmoid())  # x * (1 + σ(att))
         return att.sigmoid_().mul_(x).add_(x)

@@ -21,8 +21,10 @@ from torch import Tensor
 from .._utils import (
     check_channels,
     check_nchw,
+    check_odd,
     fused_act_name,
     get_act,
+    is_compiling,
     mean_expanded_grad,
     needs_grad,
     reduced_channels,
@@ -71,16 +73,22 @@ class ChannelGate(nn.Module):
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
         """``inplace=True`` lets the gate overwrite ``x`` when autograd does not need it (inference on the PyTorch
         path, where a fresh output costs a full allocation and write)."""
-        if self.fused_act is not None:  # the fused op: Triton on a GPU, the same math in PyTorch elsewhere
-            weights = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-            if inplace and not needs_grad(x, *weights) and resolve_backend('auto', x, op='channel_gate') == 'torch':
-                gate = gate_vector(x, 'avgmax', 'mlp', self.fused_act, *weights)[0]
-                return x.mul_(gate[:, :, None, None])  # float32 gate, rounded once into x's dtype
-            return channel_gate(x, *weights, pool='avgmax', act=self.fused_act)
-        pooled = torch.cat([mean_expanded_grad(x, (2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])  # [2B, C, 1, 1]
+        if not torch.jit.is_scripting() and not is_compiling() and self.fused_act is not None:
+            return self._forward_fused(x, inplace)
+        pooled = torch.cat([mean_expanded_grad(x, [2, 3], keepdim=True), x.amax((2, 3), keepdim=True)])  # [2B, C, 1, 1]
         avg, mx = self.fc2(self.act(self.fc1(pooled))).chunk(2)
         return x * self.gate(avg + mx)
 
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor, inplace: bool) -> Tensor:
+        """The fused op: Triton on a GPU, the same math in PyTorch elsewhere (compiled and scripted: plain path)."""
+        weights = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        present = [t for t in (x, *weights) if t is not None]
+        if inplace and not needs_grad(present) and resolve_backend('auto', x, op='channel_gate') == 'torch':
+            gate = gate_vector(x, 'avgmax', 'mlp', self.fused_act, *weights)[0]
+            return x.mul_(gate[:, :, None, None])  # float32 gate, rounded once into x's dtype
+        return channel_gate(x, *weights, pool='avgmax', act=self.fused_act)
 
 class SpatialGate(nn.Module):
     """CBAM's spatial attention: a k×k conv (+ BN) over the channel-wise [mean, max], then a gate.
@@ -98,8 +106,7 @@ class SpatialGate(nn.Module):
             dtype=None,
     ) -> None:
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f'kernel_size must be a positive odd int, got {kernel_size}')
+        check_odd('kernel_size', kernel_size)
         dd = dict(device=device, dtype=dtype)
         self.conv = nn.Sequential(OrderedDict(
             conv=nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, **dd),
@@ -109,13 +116,13 @@ class SpatialGate(nn.Module):
 
     def gate_map(self, x: Tensor) -> Tensor:
         """The spatial gate [B, 1, H, W] of ``x``."""
-        pooled = torch.cat([mean_expanded_grad(x, 1, keepdim=True), x.amax(1, keepdim=True)], dim=1)  # [B, 2, H, W]
+        pooled = torch.cat([mean_expanded_grad(x, [1], keepdim=True), x.amax(1, keepdim=True)], dim=1)  # [B, 2, H, W]
         return self.gate(self.conv(pooled))
 
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
         """``inplace=True`` lets the gate overwrite ``x`` when autograd does not need it (inference)."""
         gate = self.gate_map(x)
-        return x.mul_(gate) if inplace and not needs_grad(x, gate) else x * gate
+        return x.mul_(gate) if inplace and not needs_grad([x, gate]) else x * gate
 
 
 @register(
@@ -129,7 +136,7 @@ class Cbam(nn.Module):
         channels: input and output channels C.
         rd_ratio, rd_channels, rd_divisor: width of the channel MLP (default C/16).
         mlp_bias: biases in the channel MLP (default True).
-        spatial_kernel_size: size of the spatial convolution (default 7).
+        spatial_kernel_size: size of the spatial convolution, odd (default 7).
         act_layer, gate_layer: hidden activation (ReLU) and gate (sigmoid).
         device, dtype: factory arguments.
 
@@ -152,6 +159,7 @@ class Cbam(nn.Module):
             dtype=None,
     ) -> None:
         super().__init__()
+        check_odd('spatial_kernel_size', spatial_kernel_size)
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
         self.channel = ChannelGate(
@@ -160,16 +168,16 @@ class Cbam(nn.Module):
         self.spatial = SpatialGate(spatial_kernel_size, gate_layer=gate_layer, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'Cbam')
         return self.spatial(self.channel(x), inplace=True)  # the channel gate's output is ours to overwrite
 
     def forward_add(self, x: Tensor, shortcut: Tensor) -> Tensor:
         """``self(x) + shortcut`` with the residual addition fused into the spatial gate's product (one pass over
         the map fewer). Where autograd does not need them, both gates overwrite ``x``: pass a temporary (a
         residual branch's output), as a residual block does."""
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'Cbam')
         x = self.channel(x, inplace=True)
         gate = self.spatial.gate_map(x)
-        if needs_grad(x, gate, shortcut):
+        if needs_grad([x, gate, shortcut]):
             return torch.addcmul(shortcut, x, gate)
         return torch.addcmul(shortcut, x, gate, out=x)

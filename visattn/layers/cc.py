@@ -13,11 +13,12 @@ GPU, einsums on the CPU): the HW×HW matrix is never built, memory grows like HW
 
 from __future__ import annotations
 
-from einops import rearrange
+import torch
 from torch import Tensor
 
-from .._utils import QueryKeyValue2d, check_channels, check_nchw, reduced_channels
+from .._utils import QueryKeyValue2d, check_channels, check_int, check_nchw, reduced_channels
 from ..ops import criss_cross_attention
+from ..ops.criss_cross.naive import criss_cross_attention_naive
 from ..registry import register
 
 __all__ = ['CrissCrossAttention']
@@ -51,20 +52,24 @@ class CrissCrossAttention(QueryKeyValue2d):
             device=None,
             dtype=None,
     ) -> None:
-        if isinstance(recurrence, bool) or not isinstance(recurrence, int) or recurrence < 1:
-            raise ValueError(f'recurrence must be an int >= 1, got {recurrence!r}')
+        check_int('recurrence', recurrence)
         super().__init__(
             channels, reduced_channels(check_channels(channels), rd_ratio, rd_channels, rd_divisor), device, dtype)
         self.recurrence = recurrence
 
     def attend(self, x: Tensor) -> Tensor:
         """The residual term of one criss-cross module, ``γ · CCA(x)``: [B, C, H, W]."""
-        q, k, v = (rearrange(conv(x), 'b c h w -> b 1 h w c') for conv in (self.query, self.key, self.value))
-        out = criss_cross_attention(q, k, v, scale=1.0)  # CCNet does not scale the scores
-        return self.gamma * rearrange(out, 'b 1 h w c -> b c h w')
+        q = self.query(x).permute(0, 2, 3, 1).unsqueeze(1)  # [B, 1, H, W, C/8]
+        k = self.key(x).permute(0, 2, 3, 1).unsqueeze(1)
+        v = self.value(x).permute(0, 2, 3, 1).unsqueeze(1)  # [B, 1, H, W, C]
+        if torch.jit.is_scripting():
+            out = criss_cross_attention_naive(q, k, v, scale=1.0)
+        else:
+            out = criss_cross_attention(q, k, v, scale=1.0)  # CCNet does not scale the scores
+        return self.gamma * out.squeeze(1).permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'CrissCrossAttention')
         for _ in range(self.recurrence):
             x = x + self.attend(x)
         return x

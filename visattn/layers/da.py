@@ -103,7 +103,7 @@ class DAChannelAttention(nn.Module):
         return self.gamma * out.view_as(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'DAChannelAttention')
         return x + self.attend(x)
 
 
@@ -133,6 +133,8 @@ class DualAttention(nn.Module):
             dtype=None,
     ) -> None:
         super().__init__()
+        if channel_energy not in _ENERGIES:
+            raise ValueError(f'channel_energy must be one of {_ENERGIES}, got {channel_energy!r}')
         self.channels = check_channels(channels)
         self.position = DAPositionAttention(
             channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor, device=device, dtype=dtype)
@@ -144,5 +146,5 @@ class DualAttention(nn.Module):
         self.channel.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'DualAttention')
         return x + self.position.attend(x) + self.channel.attend(x)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, get_act, mean_expanded_grad
+from .._utils import check_channels, check_float, check_nchw, check_odd, get_act, is_compiling, mean_expanded_grad
 from ..ops import eca_gate
 from ..registry import register
 
@@ -38,7 +39,7 @@ class EfficientChannelAttn(nn.Module):
     Args:
         channels: input and output channels C.
         kernel_size: size k of the 1-D convolution across channels; None (default) adapts it to C.
-        gamma, beta: the constants γ = 2 and b = 1 of the adaptive kernel size.
+        gamma, beta: the constants γ = 2 (> 0) and b = 1 (any finite number) of the adaptive kernel size.
         gate_layer: gating activation (default sigmoid).
         device, dtype: factory arguments.
 
@@ -59,17 +60,18 @@ class EfficientChannelAttn(nn.Module):
     ) -> None:
         super().__init__()
         self.channels = check_channels(channels)
+        gamma = check_float('gamma', gamma, 0., None, low_open=True)
+        beta = check_float('beta', beta, -float('inf'), float('inf'), low_open=True, high_open=True)
         if kernel_size is None:
             kernel_size = eca_kernel_size(channels, gamma, beta)
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f'kernel_size must be a positive odd int, got {kernel_size}')
-        self.kernel_size = kernel_size
+        self.kernel_size = check_odd('kernel_size', kernel_size)
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False, device=device, dtype=dtype)
         self.gate = get_act(gate_layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
-        if isinstance(self.gate, nn.Sigmoid):  # the fused op: Triton on a GPU, the same math in PyTorch elsewhere
+        check_nchw(x, self.channels, 'EfficientChannelAttn')
+        if not torch.jit.is_scripting() and not is_compiling() and isinstance(self.gate, nn.Sigmoid):
+            # the fused op: Triton on a GPU, the same math in PyTorch elsewhere (compiled and scripted: plain path)
             return eca_gate(x, self.conv.weight)
-        s = self.conv(mean_expanded_grad(x, (2, 3)).unsqueeze(1))  # [B, 1, C]: channels as the sequence
+        s = self.conv(mean_expanded_grad(x, [2, 3]).unsqueeze(1))  # [B, 1, C]: channels as the sequence
         return x * self.gate(s).view(x.shape[0], -1, 1, 1)

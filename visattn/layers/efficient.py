@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, softmax_fp32
+from .._utils import check_channels, check_int, check_nchw, softmax_fp32
 from ..registry import register
 
 __all__ = ['EfficientAttention']
@@ -54,11 +53,11 @@ class EfficientAttention(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
-        self.num_heads = check_channels(num_heads, 'num_heads')
-        self.key_channels = check_channels(
-            max(num_heads, channels // 2) if key_channels is None else key_channels, 'key_channels')
-        self.value_channels = check_channels(
-            max(num_heads, channels // 2) if value_channels is None else value_channels, 'value_channels')
+        self.num_heads = check_int('num_heads', num_heads)
+        self.key_channels = check_int('key_channels', max(num_heads, channels // 2) if key_channels is None
+                                      else key_channels)
+        self.value_channels = check_int('value_channels', max(num_heads, channels // 2) if value_channels is None
+                                        else value_channels)
         for name, width in (('key_channels', self.key_channels), ('value_channels', self.value_channels)):
             if width % num_heads:
                 raise ValueError(f'{name} ({width}) must be divisible by num_heads ({num_heads})')
@@ -73,12 +72,14 @@ class EfficientAttention(nn.Module):
             conv.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'EfficientAttention')
         heads = self.num_heads
-        k = softmax_fp32(rearrange(self.keys(x), 'b (n d) h w -> b n d (h w)', n=heads), dim=-1)  # over positions
-        q = softmax_fp32(rearrange(self.queries(x), 'b (n d) h w -> b n d (h w)', n=heads), dim=-2)  # over features
-        v = rearrange(self.values(x), 'b (n e) h w -> b n e (h w)', n=heads)
+        B, _, H, W = x.shape
+        dk, dv = self.key_channels // heads, self.value_channels // heads
+        k = softmax_fp32(self.keys(x).reshape(B, heads, dk, H * W), dim=-1)  # [B, n, d, HW]: over positions
+        q = softmax_fp32(self.queries(x).reshape(B, heads, dk, H * W), dim=-2)  # over features
+        v = self.values(x).reshape(B, heads, dv, H * W)  # [B, n, e, HW]
         context = torch.matmul(k, v.transpose(-1, -2))  # [B, heads, d_k, d_v]
         out = torch.matmul(context.transpose(-1, -2), q)  # [B, heads, d_v, HW]
-        out = rearrange(out, 'b n e (h w) -> b (n e) h w', h=x.shape[-2])
+        out = out.reshape(B, self.value_channels, H, W)
         return x + self.reprojection(out)

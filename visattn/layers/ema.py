@@ -24,14 +24,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, softmax_fp32
+from .._utils import check_channels, check_float, check_int, check_nchw, softmax_fp32
 from ..registry import register
 
 __all__ = ['EMAttention']
 
 
 def _l2_normalize(x: Tensor, dim: int) -> Tensor:
-    return x / (1e-6 + x.norm(dim=dim, keepdim=True))
+    return x / (1e-6 + torch.linalg.vector_norm(x, dim=dim, keepdim=True))
 
 
 @register(
@@ -67,10 +67,9 @@ class EMAttention(nn.Module):
             dtype=None,
     ) -> None:
         super().__init__()
-        check_channels(num_bases, 'num_bases')
-        check_channels(num_iters, 'num_iters')
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f'momentum must be in [0, 1], got {momentum}')
+        check_int('num_bases', num_bases)
+        check_int('num_iters', num_iters)
+        momentum = check_float('momentum', momentum, 0., 1.)
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
         self.num_bases = num_bases
@@ -97,23 +96,34 @@ class EMAttention(nn.Module):
     def em(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The EM iterations on ``x: [B, C, N]``: final bases μ [B, C, K] and responsibilities Z [B, N, K]."""
         mu = self.bases.to(x.dtype).expand(x.shape[0], -1, -1)
+        if torch.jit.is_scripting():
+            return self._iterate(x, mu)
         with torch.set_grad_enabled(self.em_grad and torch.is_grad_enabled()):
-            for _ in range(self.num_iters):
-                z = softmax_fp32(torch.bmm(x.transpose(1, 2), mu), dim=2)  # E-step: [B, N, K]
-                z_norm = z / (1e-6 + z.sum(dim=1, keepdim=True))
-                mu = _l2_normalize(torch.bmm(x, z_norm), dim=1)  # M-step: [B, C, K]
+            return self._iterate(x, mu)
+
+    def _iterate(self, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
+        z = mu  # typed for TorchScript; num_iters >= 1 sets the responsibilities
+        for _ in range(self.num_iters):
+            z = softmax_fp32(torch.bmm(x.transpose(1, 2), mu), dim=2)  # E-step: [B, N, K]
+            z_norm = z / (1e-6 + z.sum(dim=1, keepdim=True))
+            mu = _l2_normalize(torch.bmm(x, z_norm), dim=1)  # M-step: [B, C, K]
         return mu, z
 
+    @torch.jit.unused
+    def _update_bases(self, mu: Tensor) -> None:
+        """The moving average of the bases over the batch (and over every rank's batch, as mmseg's reduce_mean)."""
+        with torch.no_grad():
+            mean = mu.detach().mean(dim=0, keepdim=True)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(mean)
+                mean = mean / dist.get_world_size()
+            mean = _l2_normalize(mean, dim=1)
+            self.bases.mul_(self.momentum).add_(mean.to(self.bases.dtype), alpha=1.0 - self.momentum)
+
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'EMAttention')
         mu, z = self.em(self.conv_in(x).flatten(2))
-        if self.training:
-            with torch.no_grad():
-                mean = mu.detach().mean(dim=0, keepdim=True)
-                if dist.is_available() and dist.is_initialized():  # the mean over every rank's batch (mmseg's)
-                    dist.all_reduce(mean)
-                    mean = mean / dist.get_world_size()
-                mean = _l2_normalize(mean, dim=1)
-                self.bases.mul_(self.momentum).add_(mean.to(self.bases.dtype), alpha=1.0 - self.momentum)
+        if self.training and not torch.jit.is_scripting():
+            self._update_bases(mu)
         recon = F.relu(torch.bmm(mu, z.transpose(1, 2))).view_as(x)  # μ Zᵀ: [B, C, H, W]
         return F.relu(x + self.norm(self.conv_out(recon)))

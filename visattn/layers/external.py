@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, softmax_fp32
+from .._utils import check_channels, check_int, check_nchw, softmax_fp32
 from ..registry import register
 
 __all__ = ['ExternalAttention']
@@ -55,7 +55,7 @@ class ExternalAttention(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
-        self.num_slots = check_channels(num_slots, 'num_slots')
+        self.num_slots = check_int('num_slots', num_slots)
         self.conv_in = nn.Conv2d(channels, channels, 1, **dd)
         self.mk = nn.Conv2d(channels, num_slots, 1, bias=False, **dd)
         self.mv = nn.Conv2d(num_slots, channels, 1, bias=False, **dd)
@@ -73,8 +73,8 @@ class ExternalAttention(nn.Module):
         self.norm.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'ExternalAttention')
         attn = softmax_fp32(self.mk(self.conv_in(x)).flatten(2), dim=-1)  # [B, S, N], softmax over positions
         attn = attn / (1e-9 + attn.sum(dim=1, keepdim=True))  # l1 over the S slots
-        out = self.mv(attn.view(x.shape[0], self.num_slots, *x.shape[2:]))
+        out = self.mv(attn.view(x.shape[0], self.num_slots, x.shape[2], x.shape[3]))
         return F.relu(x + self.norm(self.conv_out(out)))

@@ -94,12 +94,12 @@ class GlobalContext(nn.Module):
                 nn.init.zeros_(mlp.fc2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'GlobalContext')
         if self.conv_attn is not None:
             w = softmax_fp32(self.conv_attn(x).flatten(2), dim=-1)  # [B, 1, HW], softmax over positions
             context = torch.matmul(x.flatten(2), w.transpose(1, 2)).unsqueeze(-1)  # [B, C, 1, 1]
         else:
-            context = mean_expanded_grad(x, (2, 3), keepdim=True)
+            context = mean_expanded_grad(x, [2, 3], keepdim=True)
         if self.mlp_scale is not None:
             x = x * self.mlp_scale(context).sigmoid()
         if self.mlp_add is not None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import bind_defaults, check_channels, check_nchw
+from .._utils import bind_defaults, check_channels, check_int, check_nchw
 from ..registry import get_mixer, info, register
 
 __all__ = ['MixerAttn2d', 'sincos_2d']
@@ -77,8 +77,7 @@ class MixerAttn2d(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
         mixer_cls = get_mixer(mixer)
-        if num_heads is None:
-            num_heads = math.gcd(channels, 8)
+        num_heads = math.gcd(channels, 8) if num_heads is None else check_int('num_heads', num_heads)
         if isinstance(mixer, str) and info(f'mixer:{mixer}').requires_seq_len and 'seq_len' not in mixer_kwargs:
             if feat_size is None:
                 raise ValueError(f'mixer {mixer!r} needs a fixed length: give feat_size=(H, W) or seq_len=')
@@ -95,7 +94,7 @@ class MixerAttn2d(nn.Module):
         return bind_defaults(cls, ''.join(p.title() for p in mixer.lower().split('_')), mixer=mixer.lower())
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'MixerAttn2d')
         B, C, H, W = x.shape
         t = self.norm(x.flatten(2).transpose(1, 2))  # [B, H·W, C]
         if self.pos_embed:

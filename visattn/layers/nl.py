@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 from .._utils import check_channels, check_nchw, reduced_channels
@@ -87,12 +86,12 @@ class NonLocal(nn.Module):
         return F.max_pool2d(x, (min(2, x.shape[-2]), min(2, x.shape[-1])), ceil_mode=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'NonLocal')
         height, width = x.shape[-2:]
         # [B, 1, HW (or M), C/2], contiguous in C/2 as the fused kernels need
-        theta = rearrange(self.theta(x), 'b c h w -> b 1 (h w) c').contiguous()
-        phi = rearrange(self._pool(self.phi(x)), 'b c h w -> b 1 (h w) c').contiguous()
-        g = rearrange(self._pool(self.g(x)), 'b c h w -> b 1 (h w) c').contiguous()
+        theta = self.theta(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+        phi = self._pool(self.phi(x)).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+        g = self._pool(self.g(x)).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
         y = F.scaled_dot_product_attention(theta, phi, g, scale=self.scale)  # softmax_j(θ_iᵀ φ_j) g_j: [B, 1, HW, C/2]
-        y = rearrange(y, 'b 1 (h w) c -> b c h w', h=height, w=width)
+        y = y.squeeze(1).transpose(1, 2).reshape(x.shape[0], self.rd_channels, height, width)
         return x + self.norm(self.out(y))

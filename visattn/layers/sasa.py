@@ -27,7 +27,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, from_blocks, masked_softmax_fp32, pad_hw_to_multiple, to_blocks
+from .._utils import (
+    check_channels,
+    check_float,
+    check_int,
+    check_nchw,
+    check_odd,
+    from_blocks,
+    masked_softmax_fp32,
+    pad_hw_to_multiple,
+    to_blocks,
+)
 from ..registry import register
 
 __all__ = ['SelfAttn2d', 'SasaStem']
@@ -35,7 +45,7 @@ __all__ = ['SelfAttn2d', 'SasaStem']
 
 def _check_heads(out_channels: int, num_heads: int, multiple: int = 1) -> int:
     """Head width ``out_channels / num_heads``; ``out_channels`` must be divisible by ``num_heads * multiple``."""
-    check_channels(num_heads, 'num_heads')
+    check_int('num_heads', num_heads)
     if out_channels % (num_heads * multiple):
         raise ValueError(
             f'out_channels={out_channels} must be divisible by {multiple} * num_heads={num_heads * multiple}')
@@ -55,7 +65,7 @@ class SelfAttn2d(nn.Module):
         kernel_size: spatial extent k of the neighbourhood (odd, default 7).
         num_heads: attention heads N (default 8).
         stride: 1, or s > 1 for an s×s average pooling after the attention (the paper's downsampling).
-        scale: multiplier of the logits (default 1, the paper's unscaled logits).
+        scale: multiplier of the logits, > 0 (default 1, the paper's unscaled logits).
         qkv_bias: bias in the q/k/v projections (default False).
         feat_size: accepted for timm's self-attention factories; unused (any H×W works).
         device, dtype: factory arguments.
@@ -82,10 +92,9 @@ class SelfAttn2d(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
         self.out_channels = check_channels(out_channels or channels, 'out_channels')
-        check_channels(kernel_size, 'kernel_size')
-        if kernel_size % 2 == 0:
-            raise ValueError(f'kernel_size must be odd (a neighbourhood centred on the pixel), got {kernel_size}')
-        check_channels(stride, 'stride')
+        check_odd('kernel_size', kernel_size)
+        check_int('stride', stride)
+        scale = check_float('scale', scale, 0., None, low_open=True)
         self.kernel_size = kernel_size
         self.num_heads = num_heads
         self.head_dim = _check_heads(self.out_channels, num_heads, 2)
@@ -115,7 +124,7 @@ class SelfAttn2d(nn.Module):
         return r.reshape(k * k, self.num_heads, self.head_dim).transpose(0, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'SelfAttn2d')
         B, _, H, W = x.shape
         k, N, D = self.kernel_size, self.num_heads, self.head_dim
         q, key, v = self.qkv(x).chunk(3, dim=1)
@@ -184,7 +193,7 @@ class SasaStem(nn.Module):
         return torch.softmax(torch.einsum('abc,mc->mab', emb, self.value_mix), dim=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.in_channels, type(self).__name__)
+        check_nchw(x, self.in_channels, 'SasaStem')
         B, _, H, W = x.shape
         b, M, C = self.block_size, self.num_values, self.out_channels
         x, valid = pad_hw_to_multiple(x, b)

@@ -10,10 +10,19 @@ Parameter names follow timm's ``SEModule`` (``fc1``, ``fc2``), so timm's SE-ResN
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, fused_act_name, get_act, mean_expanded_grad, reduced_channels
+from .._utils import (
+    check_channels,
+    check_nchw,
+    fused_act_name,
+    get_act,
+    is_compiling,
+    mean_expanded_grad,
+    reduced_channels,
+)
 from ..ops import channel_gate
 from ..registry import register
 
@@ -63,8 +72,9 @@ class SqueezeExcite(nn.Module):
         self.fused_act = fused_act_name(self.act, self.gate)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
-        if self.fused_act is not None:  # the fused op: Triton on a GPU, the same math in PyTorch elsewhere
+        check_nchw(x, self.channels, 'SqueezeExcite')
+        if not torch.jit.is_scripting() and not is_compiling() and self.fused_act is not None:
+            # the fused op: Triton on a GPU, the same math in PyTorch elsewhere (compiled and scripted: plain path)
             return channel_gate(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, act=self.fused_act)
-        s = mean_expanded_grad(x, (2, 3), keepdim=True)  # [B, C, 1, 1]
+        s = mean_expanded_grad(x, [2, 3], keepdim=True)  # [B, C, 1, 1]
         return x * self.gate(self.fc2(self.act(self.fc1(s))))

@@ -17,11 +17,21 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_channels, check_nchw, get_act, mean_expanded_grad, reduced_channels, softmax_fp32
+from .._utils import (
+    check_channels,
+    check_int,
+    check_nchw,
+    check_odd,
+    get_act,
+    is_compiling,
+    mean_expanded_grad,
+    reduced_channels,
+    softmax_fp32,
+)
 from ..registry import register
 
 
-def _mix(a: Tensor, u: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+def _mix(a: Tensor, u: list[Tensor]) -> Tensor:
     out = u[0] * a[:, 0]
     for m in range(1, len(u)):
         out.addcmul_(u[m], a[:, m])  # accumulated in place
@@ -34,14 +44,13 @@ class _BranchMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, *u: Tensor) -> Tensor:
         ctx.save_for_backward(a, *u)
-        return _mix(a, u)
+        return _mix(a, list(u))
 
     @staticmethod
     def backward(ctx, dv: Tensor):
         a, *u = ctx.saved_tensors
-        b, c = dv.shape[:2]
-        dvf = dv.reshape(b, c, -1)
-        da = torch.stack([torch.linalg.vecdot(dvf, um.reshape(b, c, -1)) for um in u], 1) if ctx.needs_input_grad[0] \
+        dvf = dv.flatten(2)
+        da = torch.stack([torch.linalg.vecdot(dvf, um.flatten(2)) for um in u], 1) if ctx.needs_input_grad[0] \
             else None
         du = [dv * a[:, m] if ctx.needs_input_grad[m + 1] else None for m in range(len(u))]
         return (None if da is None else da.view_as(a).to(a.dtype), *du)
@@ -66,11 +75,11 @@ class SelectiveKernel(nn.Module):
         out_channels: output channels (default C).
         stride: stride of every branch (default 1); the output is then ceil(H/stride) × ceil(W/stride).
         num_branches: M, the number of branches (default 2).
-        kernel_size: kernel of every branch (default 3); branch m has dilation m + 1 unless ``dilations``.
+        kernel_size: kernel of every branch, odd (default 3); branch m has dilation m + 1 unless ``dilations``.
         dilations: explicit dilation per branch.
         groups: G, the groups of the branch convolutions (default 32); must divide both channel counts.
         rd_ratio, rd_channels, rd_divisor: width C/r of the fuse layer (default r = 16) ...
-        min_rd_channels: ... but at least L (default 32).
+        min_rd_channels: ... but at least L (default 32; 0 for no floor).
         act_layer, norm_layer: activation (ReLU) and norm (BatchNorm2d).
         device, dtype: factory arguments.
 
@@ -101,11 +110,16 @@ class SelectiveKernel(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
         out_channels = self.out_channels = check_channels(out_channels or channels, 'out_channels')
-        if num_branches < 1:
-            raise ValueError(f'num_branches must be >= 1, got {num_branches}')
+        check_int('stride', stride)
+        check_int('num_branches', num_branches)
+        check_odd('kernel_size', kernel_size)
+        check_int('groups', groups)
+        check_int('min_rd_channels', min_rd_channels, 0)
         dilations = tuple(dilations) if dilations is not None else tuple(range(1, num_branches + 1))
         if len(dilations) != num_branches:
             raise ValueError(f'dilations must have num_branches={num_branches} entries, got {dilations}')
+        for d in dilations:
+            check_int('dilations', d)
         if channels % groups or out_channels % groups:
             raise ValueError(
                 f'groups={groups} must divide channels={channels} and out_channels={out_channels}; pass groups=')
@@ -127,13 +141,18 @@ class SelectiveKernel(nn.Module):
         self.fc_select = nn.Conv2d(rd, out_channels * num_branches, 1, bias=False, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_nchw(x, self.channels, type(self).__name__)
+        check_nchw(x, self.channels, 'SelectiveKernel')
         if self.training and x.shape[0] < 2:
             raise ValueError(
-                f'{type(self).__name__}: the fuse layer normalises over the batch (BatchNorm) and needs a batch of '
-                f'at least 2 in training mode, got shape {tuple(x.shape)}; use eval() for a single image')
+                'SelectiveKernel: the fuse layer normalises over the batch (BatchNorm) and needs a batch of '
+                f'at least 2 in training mode, got shape {list(x.shape)}; use eval() for a single image')
         u = [branch(x) for branch in self.branches]  # M × [B, C, H', W']
-        s = sum(mean_expanded_grad(f, (2, 3), keepdim=True) for f in u)  # GAP(Σ U_m) = Σ GAP(U_m): no full-size sum
+        s = mean_expanded_grad(u[0], [2, 3], keepdim=True)  # GAP(Σ U_m) = Σ GAP(U_m): no full-size sum
+        for f in u[1:]:
+            s = s + mean_expanded_grad(f, [2, 3], keepdim=True)
         z = self.act(self.bn(self.fc_reduce(s)))  # [B, d, 1, 1]
         a = softmax_fp32(self.fc_select(z).view(x.shape[0], self.num_branches, self.out_channels, 1, 1), dim=1)
-        return branch_mix(a.to(u[0].dtype), u)  # V = Σ a_m U_m
+        a = a.to(u[0].dtype)
+        if not torch.jit.is_scripting() and not is_compiling():
+            return branch_mix(a, u)  # V = Σ a_m U_m, with a backward that forms no product map
+        return _mix(a, u)

@@ -11,9 +11,10 @@ from torch import Tensor
 from .._dispatch import check_positive_int, check_same, check_scale, check_tensor, resolve_backend
 from .naive import halo_attention_2d_naive, halo_rel_index
 
-__all__ = ['halo_attention_2d', 'halo_attention_2d_naive', 'halo_rel_index']
+__all__ = ['PAD_MODES', 'halo_attention_2d', 'halo_attention_2d_naive', 'halo_rel_index']
 
 _OP = 'halo_attention_2d'
+PAD_MODES = ('zeros', 'mask')
 
 
 def halo_attention_2d(
@@ -27,6 +28,8 @@ def halo_attention_2d(
         rel_h: Tensor | None = None,
         rel_w: Tensor | None = None,
         scale: float | None = None,
+        pad_mode: str = 'zeros',
+        rel_stride: int | None = None,
         backend: str = 'auto',
 ) -> Tensor:
     """Blocked local attention: each b×b block of the map attends to the block grown by a halo of h pixels.
@@ -35,11 +38,17 @@ def halo_attention_2d(
     pixel ``(s·i, s·j)`` (``stride`` s divides b: the queries of a block are every s-th pixel of it, a (b/s)×(b/s)
     grid) and attends to the keys of its block's window, the (b + 2h)×(b + 2h) pixels ``[r0 - h, r0 + b + h)`` ×
     ``[c0 - h, c0 + b + h)`` around the block ``[r0, r0 + b) × [c0, c0 + b)``. Window pixels outside the H×W map
-    (the halo at the borders and the bottom/right padding) are masked out of the softmax; every query sees at least
-    its own pixel. Logit of query (i, j) and key (a, c) (HaloNet's factorised relative embeddings, offsets in input
-    pixels, the embedding term scaled with q·k):
+    (the halo at the borders and the bottom/right padding) are, with ``pad_mode='zeros'`` (the default, HaloNet's:
+    the paper extracts a fixed (b + 2h)² memory around every block of the zero-padded image and masks nothing, as
+    timm's ``HaloAttn`` does), zero keys and values that take part in the softmax (their logit is the relative
+    term alone); with ``pad_mode='mask'`` they are masked out of it (every query sees at least its own pixel).
+    Logit of query (i, j) in block row/column (y, x) and key (a, c) (HaloNet's factorised relative embeddings, the
+    embedding term scaled with q·k):
 
-        scale · (q·k + q·(rel_h[a - s·i + win - 1] + rel_w[c - s·j + win - 1])),   win = b + 2h
+        scale · (q·k + q·(rel_h[a - r0 - r·y + win - 1] + rel_w[c - c0 - r·x + win - 1])),   win = b + 2h
+
+    with r = ``rel_stride`` (default s, so that ``a - r0 - s·y = a - s·i``: offsets in input pixels; r = 1
+    measures them in steps of the query grid, as timm's ``HaloAttn`` does with ``stride=2``).
 
     Args:
         q: [B, N, Hq, Wq, Dk] with Hq = ceil(H / stride), Wq = ceil(W / stride) (a stride-s projection of the map).
@@ -51,6 +60,8 @@ def halo_attention_2d(
         rel_h, rel_w: optional relative embeddings [2·win - 1, Dk], shared by the heads, in q's dtype; both or
             neither.
         scale: factor on the logits (default 1/sqrt(Dk)).
+        pad_mode: ``'zeros'`` (default) or ``'mask'``: what the window slots outside the map are (see above).
+        rel_stride: r, the step of the relative offsets per query row/column, 1 <= r <= stride (default stride).
         backend: ``'auto'`` (Triton on CUDA, else PyTorch; ``VISATTN_BACKEND`` overrides), ``'torch'`` or
             ``'triton'``.
 
@@ -69,6 +80,11 @@ def halo_attention_2d(
     check_positive_int(stride, 'stride', _OP)
     if block_size % stride:
         raise ValueError(f'{_OP}: stride={stride} must divide block_size={block_size}')
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f'{_OP}: pad_mode must be one of {PAD_MODES}, got {pad_mode!r}')
+    rel_stride = stride if rel_stride is None else check_positive_int(rel_stride, 'rel_stride', _OP)
+    if rel_stride > stride:
+        raise ValueError(f'{_OP}: rel_stride must be in [1, stride={stride}], got {rel_stride}')
     B, N, H, W, dk = k.shape
     if v.shape[:4] != k.shape[:4]:
         raise ValueError(f'{_OP}: v must be [B, N, H, W, Dv] with B, N, H, W = {(B, N, H, W)} like k, '
@@ -88,9 +104,10 @@ def halo_attention_2d(
                                  f'got {tuple(t.shape)}')
         check_same((q, rel_h, rel_w), ('q', 'rel_h', 'rel_w'), _OP)
     scale = check_scale(scale, dk, _OP)
-    if resolve_backend(backend, q, k, v, rel_h, rel_w, op=_OP) == 'triton':
+    if resolve_backend(backend, q, k, v, rel_h, rel_w, op=_OP) == 'triton' and q.numel() and k.numel():
         from .triton import halo_attention_2d_triton
 
         return halo_attention_2d_triton(q, k, v, block_size=block_size, halo_size=halo_size, stride=stride,
-                                        rel_h=rel_h, rel_w=rel_w, scale=scale)
-    return halo_attention_2d_naive(q, k, v, block_size, halo_size, stride, rel_h, rel_w, scale)
+                                        rel_h=rel_h, rel_w=rel_w, scale=scale, pad_mode=pad_mode,
+                                        rel_stride=rel_stride)
+    return halo_attention_2d_naive(q, k, v, block_size, halo_size, stride, rel_h, rel_w, scale, pad_mode, rel_stride)

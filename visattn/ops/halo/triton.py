@@ -2,10 +2,11 @@
 
 Forward (``_halo_fwd_kernel``): one program per (batch·head, query tile), a tile being ``BLOCK_Q`` of the (b/s)²
 queries of one block. It walks its block's (b + 2h)² window in tiles of ``BLOCK_K`` keys (gathered rows of the key
-map; keys outside the map masked), scores them with tensor-core products and runs an online softmax in float32,
-writing the output and the log-sum-exp per query. The relative term stays on the chip: the program first forms
-``q·rel_h[r]`` and ``q·rel_w[r]`` for every row r of the two tables (two [BLOCK_Q, 2·win - 1] products), and each
-score tile picks from them with ``tl.gather`` the row of its (query, key) offset.
+map; slots outside the map are zero keys in the softmax, or masked out with ``pad_mode='mask'``), scores them with
+tensor-core products and runs an online softmax in float32, writing the output and the log-sum-exp per query. The
+relative term stays on the chip: the program first forms ``q·rel_h[r]`` and ``q·rel_w[r]`` for every row r of the
+two tables (two [BLOCK_Q, 2·win - 1] products), and each score tile picks from them with ``tl.gather`` the row of its
+(query, key) offset.
 
 Backward, recomputing the probabilities from the saved log-sum-exp, without atomics on the map:
 ``_halo_bwd_dq_kernel`` walks a query tile's window for dq (and saves ``delta = rowsum(do·o)``); it sums the score
@@ -41,22 +42,22 @@ def _rel_table(q, REL, DK, BS: tl.constexpr, HALO: tl.constexpr, BLOCK_DK: tl.co
 
 
 @triton.jit
-def _rel_row(key_rc, query_rc, BS: tl.constexpr, HALO: tl.constexpr, STRIDE: tl.constexpr, SPAN_P: tl.constexpr):
+def _rel_row(key_rc, query_rc, BS: tl.constexpr, HALO: tl.constexpr, REL_STRIDE: tl.constexpr, SPAN_P: tl.constexpr):
     """[queries, keys] row of the embedding table for keys in window row (or column) ``key_rc`` and queries in block
-    row (column) ``query_rc``: key - query offset ``key_rc - h - s·query_rc`` plus win - 1 (kept inside the table
-    for the padding slots)."""
-    row = key_rc[None, :] + BS + HALO - 1 - STRIDE * query_rc[:, None]
+    row (column) ``query_rc``: key - query offset ``key_rc - h - r·query_rc`` plus win - 1 (r = ``REL_STRIDE``; kept
+    inside the table for the padding slots)."""
+    row = key_rc[None, :] + BS + HALO - 1 - REL_STRIDE * query_rc[:, None]
     return tl.minimum(tl.maximum(row, 0), SPAN_P - 1)
 
 
 @triton.jit
-def _scores(q, k, qeh, qew, uy, ux, ty, tx, BS: tl.constexpr, HALO: tl.constexpr, STRIDE: tl.constexpr,
+def _scores(q, k, qeh, qew, uy, ux, ty, tx, BS: tl.constexpr, HALO: tl.constexpr, REL_STRIDE: tl.constexpr,
             HAS_REL: tl.constexpr, SPAN_P: tl.constexpr):
     """Unscaled logits [queries, keys]: q·k plus, with the tables of ``_rel_table``, ``q·(rel_h[..] + rel_w[..])``."""
     s = tl.dot(q, tl.trans(k)).to(tl.float32)
     if HAS_REL:
-        s += tl.gather(qeh, _rel_row(uy, ty, BS, HALO, STRIDE, SPAN_P), 1)
-        s += tl.gather(qew, _rel_row(ux, tx, BS, HALO, STRIDE, SPAN_P), 1)
+        s += tl.gather(qeh, _rel_row(uy, ty, BS, HALO, REL_STRIDE, SPAN_P), 1)
+        s += tl.gather(qew, _rel_row(ux, tx, BS, HALO, REL_STRIDE, SPAN_P), 1)
     return s
 
 
@@ -67,7 +68,7 @@ def _one_hot_t(index, WIN_P: tl.constexpr):
 
 
 @triton.jit
-def _rel_backward(dg, t, q, E, DE, DK, BS: tl.constexpr, HALO: tl.constexpr, STRIDE: tl.constexpr,
+def _rel_backward(dg, t, q, E, DE, DK, BS: tl.constexpr, HALO: tl.constexpr, REL_STRIDE: tl.constexpr,
                   BLOCK_DK: tl.constexpr, SPAN_P: tl.constexpr, WIN_P: tl.constexpr):
     """From ``dg`` [queries, WIN_P], d logit / d (q·rel[row]) summed over each window row (column) for queries in
     block row (column) ``t``: their part of dq (returned) and, added to the table ``DE`` with float32 atomics, of the
@@ -75,7 +76,7 @@ def _rel_backward(dg, t, q, E, DE, DK, BS: tl.constexpr, HALO: tl.constexpr, STR
     span = 2 * (BS + 2 * HALO) - 1
     r = tl.arange(0, SPAN_P)
     d = tl.arange(0, BLOCK_DK)
-    u = r[None, :] - (BS + HALO - 1) + STRIDE * t[:, None]  # window row (column) that uses table row r
+    u = r[None, :] - (BS + HALO - 1) + REL_STRIDE * t[:, None]  # window row (column) that uses table row r
     inside = (u >= 0) & (u < BS + 2 * HALO)
     dqe = tl.where(inside, tl.gather(dg, tl.minimum(tl.maximum(u, 0), WIN_P - 1), 1), 0.0).to(q.dtype)
     tl.atomic_add(DE + r[:, None] * DK + d[None, :], tl.dot(tl.trans(dqe), q), mask=(r[:, None] < span) & (
@@ -130,7 +131,8 @@ def _window_tile(K, V, bh, by, bx, u, H, W, DK, DV, BS: tl.constexpr, HALO: tl.c
 @triton.jit
 def _halo_fwd_kernel(
         Q, K, V, REL, Out, LSE, H, W, Hq, Wq, NBH, NBW, DK, DV, scale,
-        BS: tl.constexpr, HALO: tl.constexpr, STRIDE: tl.constexpr, HAS_REL: tl.constexpr, QTILES: tl.constexpr,
+        BS: tl.constexpr, HALO: tl.constexpr, STRIDE: tl.constexpr, REL_STRIDE: tl.constexpr,
+        PAD_ZEROS: tl.constexpr, HAS_REL: tl.constexpr, QTILES: tl.constexpr,
         KTILES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr,
         BLOCK_DV: tl.constexpr, WIN_P: tl.constexpr, SPAN_P: tl.constexpr,
 ):
@@ -145,7 +147,9 @@ def _halo_fwd_kernel(
     for u0 in range(0, win * win, BLOCK_K):
         uy, ux, kvalid, k, v = _window_tile(K, V, bh, by, bx, u0 + tl.arange(0, BLOCK_K), H, W, DK, DV, BS, HALO,
                                             BLOCK_DK, BLOCK_DV)
-        s = _scores(q, k, qeh, qew, uy, ux, ty, tx, BS, HALO, STRIDE, HAS_REL, SPAN_P)
+        s = _scores(q, k, qeh, qew, uy, ux, ty, tx, BS, HALO, REL_STRIDE, HAS_REL, SPAN_P)
+        if PAD_ZEROS:  # the zero keys outside the map take part in the softmax
+            kvalid = u0 + tl.arange(0, BLOCK_K) < win * win
         s = tl.where(kvalid[None, :], s * scale, float('-inf'))
         m, s_sum, acc = online_softmax_step(m, s_sum, acc, s, v)
     out, lse = softmax_finish(acc, m, s_sum)
@@ -156,7 +160,8 @@ def _halo_fwd_kernel(
 @triton.jit
 def _halo_bwd_dq_kernel(
         Q, K, V, REL, Out, DO, LSE, DELTA, DQ, DREL, H, W, Hq, Wq, NBH, NBW, DK, DV, scale,
-        BS: tl.constexpr, HALO: tl.constexpr, STRIDE: tl.constexpr, HAS_REL: tl.constexpr, QTILES: tl.constexpr,
+        BS: tl.constexpr, HALO: tl.constexpr, STRIDE: tl.constexpr, REL_STRIDE: tl.constexpr,
+        PAD_ZEROS: tl.constexpr, HAS_REL: tl.constexpr, QTILES: tl.constexpr,
         KTILES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr,
         BLOCK_DV: tl.constexpr, WIN_P: tl.constexpr, SPAN_P: tl.constexpr,
 ):
@@ -179,7 +184,9 @@ def _halo_bwd_dq_kernel(
     for u0 in range(0, win * win, BLOCK_K):
         uy, ux, kvalid, k, v = _window_tile(K, V, bh, by, bx, u0 + tl.arange(0, BLOCK_K), H, W, DK, DV, BS, HALO,
                                             BLOCK_DK, BLOCK_DV)
-        s = _scores(q, k, qeh, qew, uy, ux, ty, tx, BS, HALO, STRIDE, HAS_REL, SPAN_P)
+        s = _scores(q, k, qeh, qew, uy, ux, ty, tx, BS, HALO, REL_STRIDE, HAS_REL, SPAN_P)
+        if PAD_ZEROS:
+            kvalid = u0 + tl.arange(0, BLOCK_K) < win * win
         p = tl.where(kvalid[None, :], tl.exp(s * scale - lse[:, None]), 0.0)
         ds = (p * (tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None])).to(k.dtype)
         dq += tl.dot(ds, k).to(tl.float32)
@@ -189,17 +196,18 @@ def _halo_bwd_dq_kernel(
     dq *= scale
     if HAS_REL:
         span = 2 * win - 1
-        dq += _rel_backward(dgh * scale, ty, q, REL, DREL + bh * 2 * span * DK, DK, BS, HALO, STRIDE, BLOCK_DK,
+        dq += _rel_backward(dgh * scale, ty, q, REL, DREL + bh * 2 * span * DK, DK, BS, HALO, REL_STRIDE, BLOCK_DK,
                             SPAN_P, WIN_P)
         dq += _rel_backward(dgw * scale, tx, q, REL + span * DK, DREL + (bh * 2 + 1) * span * DK, DK, BS, HALO,
-                            STRIDE, BLOCK_DK, SPAN_P, WIN_P)
+                            REL_STRIDE, BLOCK_DK, SPAN_P, WIN_P)
     store_rows(DQ, bh * Hq * Wq * DK, qpos, tl.arange(0, BLOCK_DK), qvalid, DK, dq)
 
 
 @triton.jit
 def _halo_bwd_dkdv_kernel(
         Q, K, V, REL, DO, LSE, DELTA, DKg, DVg, H, W, Hq, Wq, NBH, NBW, DK, DV, scale,
-        BS: tl.constexpr, HALO: tl.constexpr, STRIDE: tl.constexpr, HAS_REL: tl.constexpr, QTILES: tl.constexpr,
+        BS: tl.constexpr, HALO: tl.constexpr, STRIDE: tl.constexpr, REL_STRIDE: tl.constexpr,
+        PAD_ZEROS: tl.constexpr, HAS_REL: tl.constexpr, QTILES: tl.constexpr,
         KTILES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr,
         BLOCK_DV: tl.constexpr, WIN_P: tl.constexpr, SPAN_P: tl.constexpr,
 ):
@@ -233,7 +241,7 @@ def _halo_bwd_dkdv_kernel(
                 do = load_tile(DO, bh * Hq * Wq * DV, qpos, dv, qvalid, DV)
                 lse = tl.load(LSE + bh * Hq * Wq + qpos, mask=qvalid, other=0.0)
                 delta = tl.load(DELTA + bh * Hq * Wq + qpos, mask=qvalid, other=0.0)
-                s = _scores(q, k, qeh, qew, uy, ux, ty, tx, BS, HALO, STRIDE, HAS_REL, SPAN_P)
+                s = _scores(q, k, qeh, qew, uy, ux, ty, tx, BS, HALO, REL_STRIDE, HAS_REL, SPAN_P)
                 p = tl.where(qvalid[:, None] & inwin[None, :], tl.exp(s * scale - lse[:, None]), 0.0)
                 dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do).to(tl.float32)
                 ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None])
@@ -245,7 +253,8 @@ def _halo_bwd_dkdv_kernel(
 BLOCK: int | None = None  # rows of the query and key tiles; None: chosen from the sizes (tests force small tiles)
 
 
-def _config(dk: int, dv: int, element_size: int, block_size: int, halo_size: int, stride: int) -> dict:
+def _config(dk: int, dv: int, element_size: int, block_size: int, halo_size: int, stride: int, rel_stride: int,
+            pad_mode: str) -> dict:
     """Tile sizes and warps: on a GPU ``tile_rows`` (at most the block's queries) on 8 warps, on which no kernel
     spills registers on sm_90 in 16-bit dtypes at HaloNet's sizes (with 4 warps the forward sits at 255 registers
     and the backward spills; ``benchmarks/kernel_resources.py``); in the interpreter, which pays per program and per
@@ -260,7 +269,8 @@ def _config(dk: int, dv: int, element_size: int, block_size: int, halo_size: int
     else:
         rows_k = tile_rows(block_dk, block_dv, element_size)
         rows_q = min(fit_q, rows_k)
-    return dict(BS=block_size, HALO=halo_size, STRIDE=stride, QTILES=triton.cdiv(bq * bq, rows_q),
+    return dict(BS=block_size, HALO=halo_size, STRIDE=stride, REL_STRIDE=rel_stride, PAD_ZEROS=pad_mode == 'zeros',
+                QTILES=triton.cdiv(bq * bq, rows_q),
                 KTILES=triton.cdiv(block_size * block_size, rows_k), BLOCK_Q=rows_q, BLOCK_K=rows_k,
                 BLOCK_DK=block_dk, BLOCK_DV=block_dv, WIN_P=max(16, triton.next_power_of_2(win)),
                 SPAN_P=max(16, triton.next_power_of_2(2 * win - 1)), num_warps=8)
@@ -271,7 +281,7 @@ class HaloAttnFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rel: Tensor | None, block_size: int, halo_size: int,
-                stride: int, scale: float) -> Tensor:
+                stride: int, scale: float, rel_stride: int, pad_mode: str) -> Tensor:
         b, n, h, w, dk = k.shape
         hq, wq, dv = q.shape[2], q.shape[3], v.shape[-1]
         # [B, N, *, *, D] -> [B·N, positions, D]
@@ -281,7 +291,7 @@ class HaloAttnFn(torch.autograd.Function):
         rel_c = rel.contiguous() if rel is not None else lse
         nbh, nbw = triton.cdiv(h, block_size), triton.cdiv(w, block_size)
         cfg = dict(H=h, W=w, Hq=hq, Wq=wq, NBH=nbh, NBW=nbw, DK=dk, DV=dv, scale=scale, HAS_REL=rel is not None,
-                   **_config(dk, dv, q.element_size(), block_size, halo_size, stride))
+                   **_config(dk, dv, q.element_size(), block_size, halo_size, stride, rel_stride, pad_mode))
         _halo_fwd_kernel[(nbh * nbw * cfg['QTILES'], b * n)](Q=q, K=k, V=v, REL=rel_c, Out=out, LSE=lse, **cfg)
         ctx.save_for_backward(q, k, v, rel_c, out, lse)
         ctx.cfg, ctx.shapes = cfg, ((b, n, hq, wq, dk), (b, n, h, w, dk), (b, n, h, w, dv))
@@ -302,12 +312,14 @@ class HaloAttnFn(torch.autograd.Function):
                                                              DKg=dkg, DVg=dvg, **cfg)
         drel = drel.sum(0).to(rel.dtype) if cfg['HAS_REL'] else None
         sq, sk, sv = ctx.shapes
-        return dq.view(sq), dkg.view(sk), dvg.view(sv), drel, None, None, None, None
+        return dq.view(sq), dkg.view(sk), dvg.view(sv), drel, None, None, None, None, None, None
 
 
 @bf16_via_fp32
 def halo_attention_2d_triton(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, halo_size: int, stride: int,
-                             rel_h: Tensor | None, rel_w: Tensor | None, scale: float) -> Tensor:
+                             rel_h: Tensor | None, rel_w: Tensor | None, scale: float, pad_mode: str = 'zeros',
+                             rel_stride: int | None = None) -> Tensor:
     """Halo attention on q [B, N, Hq, Wq, Dk], k/v [B, N, H, W, D] (arguments checked by ``halo_attention_2d``)."""
     rel = torch.stack((rel_h, rel_w)) if rel_h is not None else None  # [2, 2·win - 1, Dk]
-    return HaloAttnFn.apply(q, k, v, rel, block_size, halo_size, stride, scale)
+    rel_stride = stride if rel_stride is None else rel_stride
+    return HaloAttnFn.apply(q, k, v, rel, block_size, halo_size, stride, scale, rel_stride, pad_mode)
