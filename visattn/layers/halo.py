@@ -41,6 +41,7 @@ from torch import Tensor
 from .._utils import check_channels, check_float, check_int, check_nchw, make_divisible
 from ..ops import halo_attention_2d
 from ..ops.halo import PAD_MODES
+from ..ops.halo.naive import halo_attention_2d_naive
 from ..registry import register
 
 __all__ = ['HaloAttn']
@@ -153,14 +154,15 @@ class HaloAttn(nn.Module):
         """The op's ``rel_h`` and ``rel_w`` [2·win - 1, d_qk]: row ``offset + win - 1``, divided by the scale when the
         relative term is not scaled (the op scales the whole logit). timm's tables hold the offset at row
         ``offset + win - 1 + h`` (its first 2h rows are never used): they are shifted by h."""
-        if self.compat == 'timm':
+        if hasattr(self, 'pos_embed'):  # compat='timm' (hasattr: TorchScript compiles only the branch that exists)
             h = self.halo_size
-            tables = [F.pad(t[h:], (0, 0, 0, h)) for t in (self.pos_embed.height_rel, self.pos_embed.width_rel)]
+            rel_h = F.pad(self.pos_embed.height_rel[h:], (0, 0, 0, h))
+            rel_w = F.pad(self.pos_embed.width_rel[h:], (0, 0, 0, h))
         else:
-            tables = [self.rel_height, self.rel_width]
+            rel_h, rel_w = self.rel_height, self.rel_width
         if not self.scale_pos_embed:
-            tables = [t / self.scale for t in tables]
-        return tables[0], tables[1]
+            rel_h, rel_w = rel_h / self.scale, rel_w / self.scale
+        return rel_h, rel_w
 
     def reset_parameters(self) -> None:
         """Fan-in normal projections, relative embeddings N(0, d_qk^-1)."""
@@ -179,7 +181,13 @@ class HaloAttn(nn.Module):
         q = self.q(x).unflatten(1, (N, dq)).permute(0, 1, 3, 4, 2)
         k, v = self.kv(x).unflatten(1, (N, dq + dv)).permute(0, 1, 3, 4, 2).split([dq, dv], dim=-1)
         rel_h, rel_w = self.rel_tables()
-        out = halo_attention_2d(q, k, v, block_size=self.block_size, halo_size=self.halo_size, stride=self.block_stride,
-                                rel_h=rel_h.to(q.dtype), rel_w=rel_w.to(q.dtype), scale=self.scale,
-                                pad_mode=self.pad_mode, rel_stride=1 if self.compat == 'timm' else None)
+        rel_stride = 1 if hasattr(self, 'pos_embed') else self.block_stride  # timm's offsets: query-grid steps
+        rel_h, rel_w = rel_h.to(q.dtype), rel_w.to(q.dtype)
+        if torch.jit.is_scripting():
+            out = halo_attention_2d_naive(q, k, v, self.block_size, self.halo_size, self.block_stride, rel_h, rel_w,
+                                          self.scale, self.pad_mode, rel_stride)
+        else:
+            out = halo_attention_2d(q, k, v, block_size=self.block_size, halo_size=self.halo_size,
+                                    stride=self.block_stride, rel_h=rel_h, rel_w=rel_w, scale=self.scale,
+                                    pad_mode=self.pad_mode, rel_stride=rel_stride)
         return self.pool(out.permute(0, 1, 4, 2, 3).flatten(1, 2))

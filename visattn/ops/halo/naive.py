@@ -17,8 +17,8 @@ from ..._utils import masked_softmax_fp32, softmax_fp32
 from .._dispatch import upcast
 
 
-def halo_rel_index(block_size: int, halo_size: int, stride: int = 1, device=None, rel_stride: int | None = None
-                   ) -> Tensor:
+def halo_rel_index(block_size: int, halo_size: int, stride: int = 1, device: torch.device | None = None,
+                   rel_stride: int | None = None) -> Tensor:
     """Row of the relative embedding used by query row ``y`` of a block and key row ``u`` of its window: [b/s, win].
 
     Query row ``y`` sits at pixel ``s·y`` of the block, key row ``u`` at pixel ``u - h``: the offset key - query is
@@ -67,11 +67,13 @@ def halo_attention_2d_naive(q: Tensor, k: Tensor, v: Tensor, block_size: int, ha
     scale = dk ** -0.5 if scale is None else scale
     # queries: [B, N, Hq, Wq, Dk] -> zero-padded [B, N, nh, nw, bq, bq, Dk]
     qb = F.pad(upcast(q), (0, 0, 0, nw * bq - wq, 0, nh * bq - hq)).reshape(B, N, nh, bq, nw, bq, dk).transpose(3, 4)
-    kw, vw = (_windows(upcast(t), b, halo_size, nh, nw) for t in (k, v))  # [B, N, nh, nw, win², D]
+    kw = _windows(upcast(k), b, halo_size, nh, nw)  # [B, N, nh, nw, win², D]
+    vw = _windows(upcast(v), b, halo_size, nh, nw)
     logits = qb.flatten(4, 5) @ kw.transpose(-1, -2)  # [B, N, nh, nw, bq², win²]
-    if rel_h is not None:
+    if rel_h is not None and rel_w is not None:
         index = halo_rel_index(b, halo_size, s, q.device, rel_stride)
-        eh, ew = (upcast(r)[index] for r in (rel_h, rel_w))  # [bq, win, Dk]
+        eh = upcast(rel_h)[index]  # [bq, win, Dk]
+        ew = upcast(rel_w)[index]
         lh = torch.einsum('...yxd,yud->...yxu', qb, eh)  # [B, N, nh, nw, bq, bq, win]
         lw = torch.einsum('...yxd,xud->...yxu', qb, ew)
         logits = logits + (lh[..., :, None] + lw[..., None, :]).flatten(-2).flatten(4, 5)
