@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,8 @@ def _run(models: list[str], expr: str) -> None:
            '-q', '--tb=short', '-x', '-k', expr]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert ' passed' in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    summary = re.findall(r'^=* ?(\d+ passed.*)$', proc.stdout, flags=re.M)
+    assert summary and 'failed' not in summary[-1], proc.stdout[-2000:]
 
 
 def test_sample_covers_every_family() -> None:

@@ -28,7 +28,7 @@ EMPTY_LSE = -1e30
 __all__ = [
     'MASKED', 'EMPTY_LSE', 'attention_lse', 'merge_lse', 'window_attention_lse',
     'gather_rows', 'scatter_rows', 'split_residues', 'merge_residues', 'ceil_log', 'pad_to_multiple',
-    'look_back', 'key_mask_of', 'seeded_generator', 'active_dropout', 'SeededMixin',
+    'look_back', 'key_mask_of', 'hash_bits', 'hash_uniform', 'hash_normal', 'active_dropout', 'SeededMixin',
 ]
 
 
@@ -103,8 +103,9 @@ def merge_lse(parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
     return out
 
 
-def pad_to_multiple(x: Tensor, multiple: int, dim: int, value: float | bool = 0) -> Tensor:
-    """Pad ``x`` at the end of ``dim`` to a length divisible by ``multiple``."""
+def pad_to_multiple(x: Tensor, multiple: int, dim: int, value: float = 0.) -> Tensor:
+    """Pad ``x`` at the end of ``dim`` to a length divisible by ``multiple`` (a bool ``x`` is padded with
+    ``bool(value)``; scripted callers pass a float: TorchScript takes no bool for it)."""
     extra = -x.shape[dim] % multiple
     if not extra:
         return x
@@ -242,11 +243,42 @@ def look_back(x: Tensor, dim: int) -> Tensor:
     return torch.cat([x, x.roll(1, dims=dim)], dim=dim + 1)
 
 
-def seeded_generator(seed: int) -> torch.Generator:
-    """A CPU generator seeded with ``seed`` (draw on the CPU, then move: works for any device, meta included)."""
-    g = torch.Generator()
-    g.manual_seed(int(seed))
-    return g
+_HASH_MASK = 2 ** 31 - 1  # the hash works on 31-bit values: no product of two of them overflows int64
+
+
+def _mix(x: Tensor) -> Tensor:
+    """One xorshift-multiply round on 31-bit values (int64 ``x`` in ``[0, 2^31)``)."""
+    x = ((x ^ (x >> 16)) * 0x2C1B3C6D) & _HASH_MASK
+    x = ((x ^ (x >> 13)) * 0x297A2D39) & _HASH_MASK
+    return x ^ (x >> 16)
+
+
+def hash_bits(seed: int, shape: list[int], stream: int = 0) -> Tensor:
+    """Counter-based random 31-bit ints ``[*shape]`` int64 (CPU): a hash of each element's flat index, ``seed``
+    and ``stream``, in plain tensor arithmetic.
+
+    The same arguments give the same numbers on every call, and no ``torch.Generator`` is created, so that the
+    random patterns of the seeded mixers are traced whole by ``torch.compile(fullgraph=True)``. Computed on the
+    CPU (move the result): any device works, meta included.
+    """
+    key = (seed * 0x9E3779B1 + stream * 0x632BE5AB + 0x5BD1E995) % (2 ** 31)  # Python ints: exact
+    numel = 1
+    for d in shape:
+        numel *= d
+    x = _mix((torch.arange(numel, dtype=torch.int64) + key) & _HASH_MASK)
+    return _mix(x ^ key).reshape(shape)
+
+
+def hash_uniform(seed: int, shape: list[int], stream: int = 0) -> Tensor:
+    """Counter-based uniform floats in ``[0, 1)``, ``[*shape]`` float64 (CPU); see `hash_bits`."""
+    return hash_bits(seed, shape, stream).to(torch.float64) / 2 ** 31
+
+
+def hash_normal(seed: int, shape: list[int], stream: int = 0) -> Tensor:
+    """Counter-based standard normal samples ``[*shape]`` float64 (CPU), by Box-Muller; see `hash_bits`."""
+    u1 = 1. - hash_uniform(seed, shape, 2 * stream)  # in (0, 1]: a finite log
+    u2 = hash_uniform(seed, shape, 2 * stream + 1)
+    return torch.sqrt(-2. * torch.log(u1)) * torch.cos(2 * math.pi * u2)
 
 
 def ceil_log(n: int) -> int:

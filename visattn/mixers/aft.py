@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register
-from ._base import TokenMixer, check_length, check_seq_len
+from ._base import TokenMixer, check_length, check_seq_len, float_min, float_tiny
 
 __all__ = ['AFTFull', 'AFTLocal', 'AFTSimple', 'aft']
 
@@ -51,10 +51,10 @@ def aft(
     dtype = v.dtype
     ct = torch.promote_types(dtype, torch.float32)
     q, k, v = q.to(ct), k.to(ct), v.to(ct)
-    valid = None
+    valid: Tensor | None = None
     if key_padding_mask is not None:
         valid = key_padding_mask[:, None, :, None]  # [B, 1, N, 1]
-        k = k.masked_fill(~valid, torch.finfo(ct).min)  # below every real key: no maximum picks a padded one
+        k = k.masked_fill(~valid, float_min(ct))  # below every real key: no maximum picks a padded one
     w = None if pos_bias is None else pos_bias.to(ct)
     if not is_causal:
         num, den = _aft_sums(k, v, w, valid)
@@ -62,7 +62,7 @@ def aft(
         num, den = _aft_prefix_sums(k, v, valid)
     else:
         num, den = _aft_causal_biased_sums(k, v, w, valid)
-    out = torch.sigmoid(q) * torch.where(den > 0, num / den.clamp_min(torch.finfo(ct).tiny), 0.)
+    out = torch.sigmoid(q) * torch.where(den > 0, num / den.clamp_min(float_tiny(ct)), 0.)
     return out.to(dtype)
 
 
@@ -76,7 +76,7 @@ def _aft_sums(k: Tensor, v: Tensor, w: Tensor | None, valid: Tensor | None) -> t
     if w is None:
         return ekv.sum(-2, keepdim=True), ek.sum(-2, keepdim=True)
     if valid is not None:  # [B, 1, N, N]: each row's maximum over the real keys of its batch element
-        w = w.masked_fill(~valid.transpose(-2, -1), torch.finfo(w.dtype).min)
+        w = w.masked_fill(~valid.transpose(-2, -1), float_min(w.dtype))
     ew = torch.exp(w - w.amax(-1, keepdim=True).detach())  # [N, N] or [B, 1, N, N], <= 1
     return ew @ ekv, ew @ ek
 
@@ -86,7 +86,7 @@ def _aft_prefix_sums(k: Tensor, v: Tensor, valid: Tensor | None) -> tuple[Tensor
     maximum of k over t' <= t, by a Hillis-Steele scan of ``(m, num, den)`` (log2 N steps): position t combines
     positions <= t only, so a later token cannot change it, not even by rounding."""
     N = k.shape[-2]
-    low = torch.finfo(k.dtype).min
+    low = float_min(k.dtype)
     m = k.detach()
     den = torch.exp(k - m)  # ones, carrying the gradient of k
     if valid is not None:
@@ -117,7 +117,7 @@ def _aft_causal_biased_sums(k: Tensor, v: Tensor, w: Tensor, valid: Tensor | Non
     maximum; the two are merged at ``M_t = max(μ_c, running max)``.
     """
     B, H, N, D = k.shape
-    low = torch.finfo(k.dtype).min
+    low = float_min(k.dtype)
     L = math.ceil(math.sqrt(N))
     nc = math.ceil(N / L)
     pad = nc * L - N
@@ -226,7 +226,7 @@ class AFTFull(AFTSimple):
         self.register_buffer('window', window, persistent=False)
 
     def position_bias(self, n: int) -> Tensor:
-        check_length(type(self).__name__, n, self.seq_len)
+        check_length(self.mixer_name, n, self.seq_len)
         w = self.pos_bias[:n, :n]
         return w if self.window is None else w * self.window[:n, :n]
 

@@ -38,8 +38,8 @@ from ._sparse_utils import (
     active_dropout,
     attention_lse,
     gather_rows,
+    hash_normal,
     key_mask_of,
-    seeded_generator,
 )
 
 __all__ = ['RoutingAttention', 'ClusteredAttention', 'routing_inputs']
@@ -77,6 +77,10 @@ def cluster_means(x: Tensor, assign: Tensor, num_clusters: int, weight: Tensor |
 )
 class RoutingAttention(TokenMixer):
     """Routing attention: each online k-means cluster attends among its nearest queries and keys.
+
+    Not scriptable with TorchScript: TorchScript fails with an internal assert (ir.cpp: outputs_[i]->uses().empty())
+    on its routing, and the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout module and
+    keyword-only arguments.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -227,6 +231,9 @@ def routing_inputs(
 class ClusteredAttention(SeededMixin, TokenMixer):
     """Clustered attention: the centroid of each query cluster attends, its members share the output.
 
+    Not scriptable with TorchScript: its k-means helpers size tensors by star-unpacking shape lists (x.expand(*lead,
+    ...)), which TorchScript cannot size statically.
+
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
             ``Attention`` (see `TokenMixer`).
@@ -278,7 +285,7 @@ class ClusteredAttention(SeededMixin, TokenMixer):
         C = min(self.num_clusters, N)
         x = upcast(q)
         if self.bits is not None:
-            planes = torch.randn(D, self.bits, generator=seeded_generator(self.seed)).to(q.device, x.dtype)
+            planes = hash_normal(self.seed, [D, self.bits]).to(q.device, x.dtype)
             x = torch.sign(torch.matmul(x, planes))  # ±1 codes: squared distance = 4 · Hamming distance
         # initial centroids: C real queries evenly spaced among the real ones (padded queries last)
         valid = weight.expand(q.shape[:-1]) > 0  # [B, H, N]

@@ -73,10 +73,12 @@ class MemoryCompressedAttention(TokenMixer):
         self.compress_k = nn.Conv1d(dim, dim, **conv)
         self.compress_v = nn.Conv1d(dim, dim, **conv)
 
-    def compress(self, x: Tensor, conv: nn.Conv1d) -> Tensor:
-        """``[B, H, N, D]`` (N a multiple of s) -> ``[B, H, N/s, D]``."""
+    def compress(self, x: Tensor, values: bool) -> Tensor:
+        """``[B, H, N, D]`` (N a multiple of s) -> ``[B, H, N/s, D]``, by ``compress_v`` if ``values`` else
+        ``compress_k`` (a flag, not the module: TorchScript takes no module argument)."""
         B, H, N, D = x.shape
-        y = conv(x.transpose(2, 3).reshape(B, H * D, N))  # [B, C, N/s]
+        x = x.transpose(2, 3).reshape(B, H * D, N)
+        y = self.compress_v(x) if values else self.compress_k(x)  # [B, C, N/s]
         return y.reshape(B, H, D, y.shape[-1]).transpose(2, 3).contiguous()  # contiguous: SDPA's fused CPU kernel
 
     def attend(
@@ -84,12 +86,12 @@ class MemoryCompressedAttention(TokenMixer):
             is_causal: bool,
     ) -> Tensor:
         N, s = q.shape[-2], self.compression
-        key_mask = pad_to_multiple(key_mask_of(key_padding_mask, q), s, -1, False)  # [B, 1, Np]
+        key_mask = pad_to_multiple(key_mask_of(key_padding_mask, q), s, -1, 0.)  # [B, 1, Np], padded with False
         w = key_mask.unsqueeze(-1).to(k.dtype)
-        kc = self.compress(pad_to_multiple(k, s, -2) * w, self.compress_k)
-        vc = self.compress(pad_to_multiple(v, s, -2) * w, self.compress_v)
+        kc = self.compress(pad_to_multiple(k, s, -2) * w, False)
+        vc = self.compress(pad_to_multiple(v, s, -2) * w, True)
         slots = key_mask[:, 0].unflatten(-1, (-1, s)).any(-1)  # [B, M]: the slot holds a real token
-        causal = None
+        causal: Tensor | None = None
         if is_causal:
             last = torch.arange(kc.shape[-2], device=q.device) * s + s - 1
             causal = last[None, :] <= torch.arange(N, device=q.device)[:, None]  # [N, M]

@@ -28,11 +28,11 @@ from ._sparse_utils import (
     active_dropout,
     attention_lse,
     gather_rows,
+    hash_normal,
     key_mask_of,
     look_back,
     merge_lse,
     pad_to_multiple,
-    seeded_generator,
     window_attention_lse,
 )
 
@@ -47,6 +47,9 @@ SELF_SCORE = -5e4
 )
 class ReformerAttention(SeededMixin, TokenMixer):
     """LSH attention with shared queries and keys.
+
+    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
+    module and keyword-only arguments.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -117,7 +120,7 @@ class ReformerAttention(SeededMixin, TokenMixer):
         if self.rehash_each_forward and self.training:
             rot = torch.randn(shape, device=keys.device, dtype=keys.dtype)
         else:
-            rot = torch.randn(shape, generator=seeded_generator(self.seed)).to(keys.device, keys.dtype)
+            rot = hash_normal(self.seed, list(shape)).to(keys.device, keys.dtype)
         proj = torch.einsum('bhnd,drk->bhrnk', keys, rot)  # argmax of [xR; -xR] without forming it
         hi, lo = proj.max(dim=-1), proj.min(dim=-1)
         return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + nb // 2)

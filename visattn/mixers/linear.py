@@ -27,14 +27,21 @@ from torch import Tensor
 from .._utils import check_int
 from ..ops import linear_attention
 from ..ops._dispatch import upcast
+from ..ops.linear.naive import linear_attention_naive
 from ..registry import register
-from ._base import TokenMixer
+from ._base import TokenMixer, float_min
 
 __all__ = ['EfficientAttention', 'FastAttention', 'LinearAttention', 'Performer', 'orthogonal_gaussian']
 
 
 def _linear(fq: Tensor, fk: Tensor, v: Tensor, causal: bool = False, eps: float = 1e-6) -> Tensor:
-    """`visattn.ops.linear_attention` on features ``fq``, ``fk`` (v taken to their dtype), returned in v's dtype."""
+    """`visattn.ops.linear_attention` on features ``fq``, ``fk`` (v taken to their dtype), returned in v's dtype.
+
+    Scripted, the op's PyTorch reference (TorchScript compiles neither keyword-only arguments nor the Triton
+    autograd function): the same computation.
+    """
+    if torch.jit.is_scripting():
+        return linear_attention_naive(fq, fk, v.to(fq.dtype), causal, eps).to(v.dtype)
     return linear_attention(fq, fk, v.to(fq.dtype), causal=causal, eps=eps).to(v.dtype)
 
 
@@ -48,6 +55,7 @@ class _KernelAttention(TokenMixer):
 
     supports_key_padding = True
     eps: float = 1e-6
+    __constants__ = TokenMixer.__constants__ + ['eps']
 
     def features(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(φ(q), φ(k))`` [B, H, N, F]."""
@@ -136,16 +144,18 @@ class EfficientAttention(TokenMixer):
             return self.attn_drop(_mean_mix(q, logits, v, key_padding_mask))
         rq = torch.softmax(q, dim=-1)
         if key_padding_mask is not None:
-            logits = logits.masked_fill(~key_padding_mask[:, None, :, None], torch.finfo(logits.dtype).min)
+            logits = logits.masked_fill(~key_padding_mask[:, None, :, None], float_min(logits.dtype))
         rk = _zero_padding(torch.softmax(logits, dim=-2), key_padding_mask)  # softmax over positions
         return self.attn_drop(_linear(rq, rk, v))
 
 
 def _mean_mix(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
     """``q (kᵀ v) / n`` over the n real keys: [B, H, N, Dv] in v's dtype (computed in q's dtype)."""
-    n = q.shape[-2] if key_padding_mask is None else key_padding_mask.sum(-1).clamp_min(1)[:, None, None, None]
     k = _zero_padding(k, key_padding_mask)
-    return (q @ (k.transpose(-2, -1) @ v.to(q.dtype)) / n).to(v.dtype)
+    out = q @ (k.transpose(-2, -1) @ v.to(q.dtype))
+    if key_padding_mask is None:
+        return (out / q.shape[-2]).to(v.dtype)
+    return (out / key_padding_mask.sum(-1).clamp_min(1)[:, None, None, None]).to(v.dtype)
 
 
 @register(
@@ -281,6 +291,13 @@ class Performer(_KernelAttention):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if self.training and self.feature_redraw_interval is not None:
             if self.calls_since_redraw >= self.feature_redraw_interval:
-                self.redraw_projection()
+                if torch.jit.is_scripting():  # TorchScript cannot compile the draw (QR of a seeded Gaussian)
+                    raise RuntimeError(
+                        'a scripted Performer cannot redraw its projection in training: call redraw_projection() '
+                        'from Python, or build it with feature_redraw_interval=None')
+                else:
+                    self.redraw_projection()
             self.calls_since_redraw += 1
-        return super().forward(x, attn_mask, is_causal)
+        kpm, dense = self.check_input(x, attn_mask, is_causal)  # TokenMixer.forward (TorchScript has no super())
+        q, k, v = self.split_heads(x)
+        return self.merge_heads(self.attend(q, k, v, kpm, dense, is_causal))

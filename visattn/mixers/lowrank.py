@@ -24,7 +24,7 @@ from torch import Tensor
 from .._utils import check_int
 from ..ops._dispatch import upcast
 from ..registry import register
-from ._base import TokenMixer, check_length, check_seq_len, masked_softmax, softmax_attention
+from ._base import TokenMixer, check_length, check_seq_len, float_tiny, masked_softmax, softmax_attention
 
 __all__ = ['Linformer', 'Nystromformer', 'iterative_pinv']
 
@@ -91,7 +91,7 @@ class Linformer(TokenMixer):
             is_causal: bool,
     ) -> Tensor:
         n = q.shape[-2]
-        check_length(type(self).__name__, n, self.seq_len)
+        check_length(self.mixer_name, n, self.seq_len)
         if key_padding_mask is not None:
             keep = key_padding_mask[:, None, :, None].to(k.dtype)
             k, v = k * keep, v * keep
@@ -110,7 +110,7 @@ def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
     eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
     col = a.abs().sum(-2).amax(-1, keepdim=True)[..., None]
     row = a.abs().sum(-1).amax(-1, keepdim=True)[..., None]
-    z = a.transpose(-2, -1) / (col * row).clamp_min(torch.finfo(a.dtype).tiny)
+    z = a.transpose(-2, -1) / (col * row).clamp_min(float_tiny(a.dtype))
     for _ in range(iterations):
         az = a @ z
         z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))

@@ -22,8 +22,8 @@ from ._sparse_utils import (
     SeededMixin,
     ceil_log,
     gather_rows,
+    hash_bits,
     key_mask_of,
-    seeded_generator,
 )
 
 __all__ = ['ProbSparseAttention']
@@ -37,6 +37,9 @@ QUERY_CHUNK = 2048
 )
 class ProbSparseAttention(SeededMixin, TokenMixer):
     """ProbSparse attention: the top-u queries by the sparsity measurement attend, the others take mean(V).
+
+    Not scriptable with TorchScript: its query gather (gather_rows) sizes tensors by star-unpacking shape lists
+    (x.expand(*lead, ...)), which TorchScript cannot size statically.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -88,7 +91,7 @@ class ProbSparseAttention(SeededMixin, TokenMixer):
         if self.resample_each_forward and self.training:
             idx = torch.randint(N, (N, n_sample), device=q.device)
         else:
-            idx = torch.randint(N, (N, n_sample), generator=seeded_generator(self.seed)).to(q.device)
+            idx = (hash_bits(self.seed, [N, n_sample]) % N).to(q.device)
         ms = []
         for start in range(0, N, QUERY_CHUNK):  # chunks of queries bound the [.., n, n_sample, D] gather
             sl = slice(start, start + QUERY_CHUNK)

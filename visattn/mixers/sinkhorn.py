@@ -42,6 +42,9 @@ def sinkhorn(log_alpha: Tensor, iters: int) -> Tensor:
 class SinkhornAttention(TokenMixer):
     """Block attention to the own block and the Sinkhorn-sorted block.
 
+    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
+    module and keyword-only arguments.
+
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
             ``Attention`` (see `TokenMixer`).

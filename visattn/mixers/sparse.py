@@ -35,11 +35,11 @@ from ._sparse_utils import (
     SeededMixin,
     active_dropout,
     attention_lse,
+    hash_uniform,
     key_mask_of,
     merge_lse,
     merge_residues,
     pad_to_multiple,
-    seeded_generator,
     split_residues,
     window_attention_lse,
 )
@@ -66,6 +66,9 @@ class LocalAttention(TokenMixer):
 
     Without a padding mask (and without attention dropout) the call goes to `visattn.ops.local_attention_1d`
     (Triton on CUDA); with one, to the same blocked computation with the padded keys masked.
+
+    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
+    module and keyword-only arguments, and the unpadded path calls ops.local_attention_1d (keyword-only arguments).
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -130,6 +133,9 @@ class LongformerAttention(TokenMixer):
     local ones: at construction, and when a state dict without ``qkv_global`` (a timm ViT's) is loaded.
     Causal: the window is the ``window`` keys ending at the query, a global token is seen only by the tokens
     at or after it and sees only the tokens up to it.
+
+    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
+    module and keyword-only arguments, and the global-token positions use Python sets and comprehension-ifs.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -242,6 +248,9 @@ class BigBirdAttention(SeededMixin, TokenMixer):
     blocks are drawn from ``seed`` and the number of blocks, so a module is deterministic; `block_layout`
     returns them.
 
+    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
+    module and keyword-only arguments.
+
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
             ``Attention`` (see `TokenMixer`).
@@ -314,7 +323,7 @@ class BigBirdAttention(SeededMixin, TokenMixer):
         win_ok &= ~is_glob[win]
         near = ((torch.arange(nb)[None, :] - i).abs() <= half) | is_glob[None, :]  # [nb, nb]: window or global
         r = min(self.num_random_blocks, nb)
-        scores = torch.rand(H, nb, nb, generator=seeded_generator(self.seed * 100003 + nb)).masked_fill(near, -1.)
+        scores = hash_uniform(self.seed, [H, nb, nb], stream=nb).masked_fill(near, -1.)
         top = scores.topk(r, dim=-1)
         rnd, rnd_ok = top.indices, top.values >= 0
         g = glob_t.expand(nb, -1)
@@ -335,8 +344,9 @@ class BigBirdAttention(SeededMixin, TokenMixer):
         hi = max(lo, nb - self.num_global_blocks + lo)
         drop = active_dropout(self.attn_drop)
         key_mask = None if key_padding_mask is None else key_mask_of(key_padding_mask, q)  # [B, 1, N]
-        rows = (glob[:, None] * b + torch.arange(b)).flatten()  # on the CPU: any device works
-        rows = rows[rows < N].to(q.device)
+        # the rows of the global blocks, cut at N: static lengths (no boolean indexing)
+        rows = torch.cat([torch.arange(min(lo * b, N), device=q.device),
+                          torch.arange(min(hi * b, N), N, device=q.device)])
         full = q.new_zeros(*q.shape[:2], 0, q.shape[-1])
         if len(rows):  # the global blocks see every token
             full = attention_lse(q[:, :, rows], k, v, None if key_mask is None else key_mask.unsqueeze(-2),
@@ -403,8 +413,7 @@ class BigBirdAttention(SeededMixin, TokenMixer):
 
             vr = gather(v)
             s = scores(qm, gather(k))
-            if not rnd_ok.all():
-                s.unflatten(-1, rnd.shape[-1:] + (b,)).masked_fill_(~rnd_ok[:, :, None, :, None], MASKED)
+            s.unflatten(-1, (rnd.shape[-1], b)).masked_fill_(~rnd_ok[:, :, None, :, None], MASKED)
             if key_ok is not None:
                 s.masked_fill_(~key_ok[:, 0][:, rnd].flatten(-2).unsqueeze(-2), MASKED)
             parts.append((s, vr))
@@ -469,6 +478,9 @@ class SparseStridedAttention(_SparseTransformerBase):
     """Sparse Transformer, strided pattern (one merged head per head): token i attends to j when
     ``|i - j| < l`` (the local part) or ``(i - j) mod l = 0`` (the strided part); ``j <= i`` when causal.
 
+    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
+    module and keyword-only arguments.
+
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
             ``Attention`` (see `TokenMixer`).
@@ -509,6 +521,9 @@ class SparseFixedAttention(_SparseTransformerBase):
     l tokens (``floor(j/l) = floor(i/l)``) and to the summary columns ``j mod l >= l - c`` of every block;
     ``j <= i`` when causal.
 
+    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
+    module and keyword-only arguments.
+
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
             ``Attention`` (see `TokenMixer`).
@@ -539,8 +554,10 @@ class SparseFixedAttention(_SparseTransformerBase):
         own, own_lse = attention_lse(qb, kb, vb, blocks if pair is None else blocks & pair, scale=self.scale,
                                      drop=drop)
         parts = [(own.flatten(2, 3)[:, :, :N], own_lse.flatten(-2)[..., :N])]
-        cols = torch.arange(N)
-        cols = cols[cols % stride >= stride - c].to(q.device)  # built on the CPU: any device works
+        # the summary columns, block by block and cut at N (the last block may be short): a static length
+        cols = (torch.arange(nb, device=q.device)[:, None] * stride
+                + torch.arange(stride - c, stride, device=q.device)).flatten()
+        cols = cols[:(nb - 1) * c + max(0, min(c, N - (nb - 1) * stride - (stride - c)))]
         if len(cols):
             rows = torch.arange(N, device=q.device)
             other = (cols[None, :] // stride) != (rows[:, None] // stride)  # the own block is counted above

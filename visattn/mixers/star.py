@@ -29,6 +29,9 @@ __all__ = ['StarAttention']
 class StarAttention(TokenMixer):
     """Ring + relay attention.
 
+    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
+    module and keyword-only arguments.
+
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
             ``Attention`` (see `TokenMixer`).

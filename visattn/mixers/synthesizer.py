@@ -175,6 +175,7 @@ class Synthesizer(TokenMixer):
         dd = dict(device=device, dtype=dtype)
         self.seq_len = check_seq_len(seq_len)
         self.components = components
+        self.vanilla_index = components.index('vanilla') if vanilla else -1  # its place in the mixture
         # checked whatever the components, so that a wrong value never waits for a variant that uses it
         factor = math.ceil(math.sqrt(self.seq_len)) if factor is None else check_int('factor', factor, 1, self.seq_len)
         check_int('rank', rank)
@@ -191,16 +192,21 @@ class Synthesizer(TokenMixer):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         kpm, dense = self.check_input(x, attn_mask, is_causal)
         B, N, _ = x.shape
-        check_length(type(self).__name__, N, self.seq_len)
+        check_length(self.mixer_name, N, self.seq_len)
+        parts: list[Tensor] = []  # the logits of each component, in the order of ``components``
+        for synth in self.synth.values():
+            parts.append(synth(x)[..., :N, :N])
         if self.v is None:
             q, k, v = self.split_heads(x)
+            parts.insert(self.vanilla_index, (q * self.scale) @ k.transpose(-2, -1))
         else:
             v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, N, D]
-        weights = [1.] if self.mix_logits is None else self.mix_logits.softmax(0).unbind(0)
-        logits = 0.
-        for c, w in zip(self.components, weights):
-            b = (q * self.scale) @ k.transpose(-2, -1) if c == 'vanilla' else self.synth[c](x)[..., :N, :N]
-            logits = logits + w * b
+        logits = parts[0]
+        if self.mix_logits is not None:
+            weights = self.mix_logits.softmax(0)
+            logits = weights[0] * logits
+            for i in range(1, len(parts)):
+                logits = logits + weights[i] * parts[i]
         attn = self.attn_drop(masked_softmax(logits, kpm, dense, is_causal))
         return self.merge_heads(attn.to(v.dtype) @ v)
 

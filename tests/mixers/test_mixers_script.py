@@ -1,0 +1,69 @@
+"""TorchScript over the registry: every mixer outside ``visattn.models.NOT_SCRIPTABLE`` scripts and computes what
+eager computes (plain, key-padded and causal calls, where the mixer honours them); every entry of
+``NOT_SCRIPTABLE`` names at least one model, and that model really fails to script (the list cannot go stale)."""
+
+from __future__ import annotations
+
+import warnings
+from fnmatch import fnmatch
+
+import pytest
+import timm
+import torch
+
+import visattn
+from visattn.models import NOT_SCRIPTABLE
+
+DIM, HEADS, N = 32, 4, 23
+PREFIX = 'vit_small_patch16_224_'
+
+
+def _excluded(mixer: str) -> bool:
+    return any(fnmatch(PREFIX + mixer, pattern) for pattern in NOT_SCRIPTABLE)
+
+
+SCRIPTABLE = [m for m in visattn.list_mixers() if not _excluded(m)]
+
+
+def _script(module: torch.nn.Module) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script is deprecated, not gone: timm still tests it
+        return torch.jit.script(module)
+
+
+def test_most_mixers_script():
+    assert len(SCRIPTABLE) >= 18, SCRIPTABLE
+
+
+@pytest.mark.parametrize('name', SCRIPTABLE)
+def test_scripted_mixer_matches_eager(name: str) -> None:
+    kw = dict(seq_len=N) if visattn.info(f'mixer:{name}').requires_seq_len else {}
+    torch.manual_seed(0)
+    mixer = visattn.create_mixer(name, DIM, num_heads=HEADS, **kw).eval()
+    scripted = _script(mixer)
+    x = torch.randn(2, N, DIM)
+    kpm = torch.rand(2, N) > 0.3
+    kpm[:, 0] = True
+    calls = [{}]
+    if mixer.supports_key_padding or mixer.supports_dense_mask:
+        calls.append(dict(attn_mask=kpm))
+    if visattn.info(f'mixer:{name}').supports_causal:
+        calls.append(dict(is_causal=True))
+    with torch.no_grad():
+        for call in calls:
+            torch.testing.assert_close(scripted(x, **call), mixer(x, **call), rtol=0, atol=1e-5, msg=f'{name} {call}')
+        if not (mixer.supports_key_padding or mixer.supports_dense_mask):  # the scripted checks still refuse a mask
+            with pytest.raises(torch.jit.Error, match='padding mask'):
+                scripted(x, attn_mask=kpm)
+
+
+@pytest.mark.parametrize('pattern', sorted(NOT_SCRIPTABLE))
+def test_not_scriptable_entries_are_true(pattern: str) -> None:
+    assert NOT_SCRIPTABLE[pattern].strip(), f'{pattern}: give the reason'
+    models = [m for m in visattn.list_models() if fnmatch(m, pattern)]
+    assert models, f'NOT_SCRIPTABLE pattern {pattern!r} matches no visattn model'
+    for model_name in models:
+        with timm.set_scriptable(True):
+            model = timm.create_model(model_name, pretrained=False).eval()
+        with pytest.raises(Exception):  # noqa: B017 - TorchScript raises frontend, runtime or assertion errors
+            _script(model)
