@@ -37,6 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from visattn.ops.channel_gate import triton as gate  # noqa: E402
 from visattn.ops.criss_cross import triton as cc  # noqa: E402
+from visattn.ops.halo import PAD_MODES  # noqa: E402
 from visattn.ops.halo import triton as halo  # noqa: E402
 from visattn.ops.linear import triton as linear  # noqa: E402
 from visattn.ops.local1d import triton as local  # noqa: E402
@@ -49,12 +50,20 @@ DATA_POINTERS = {'Q', 'K', 'V', 'Out', 'DO', 'DQ', 'DKg', 'DVg', 'RPB', 'REL', '
 FLOATS = {'scale', 'eps'}
 DTYPES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
 _FP32_ONLY = 'float32 only: 16-bit inputs are clean'
+_HALO_B12 = 'float32 with every Triton; bf16/fp16 (72-88 B) with Triton 3.8 only, clean with Triton 3.9'
 # Spills known and left, (op, kernel, shape) -> (dtypes, why); ``--check`` fails on any other.
 KNOWN_SPILLS = {
     ('linear', 'chunk_bwd_dkdv', 'N=4096 d=128'): ({'fp32'}, _FP32_ONLY + ' (the dk part, on Dk slices of the state)'),
-    ('halo', 'halo_bwd_dq', 'b=8 h=3 s=2 d=32'): ({'fp32'}, _FP32_ONLY),
-    ('halo', 'halo_bwd_dq', 'b=12 h=2 s=1 d=64'): ({'fp32'}, _FP32_ONLY),
-    ('halo', 'halo_bwd_dkdv', 'b=12 h=2 s=1 d=64'): ({'fp32'}, _FP32_ONLY),
+    ('halo', 'halo_bwd_dq', 'b=8 h=3 s=2 r=2 d=32 zeros'): ({'fp32'}, _FP32_ONLY),
+    ('halo', 'halo_bwd_dq', 'b=8 h=3 s=2 r=2 d=32 mask'): ({'fp32'}, _FP32_ONLY),
+    ('halo', 'halo_bwd_dq', 'b=8 h=3 s=2 r=1 d=32 zeros'): ({'fp32'}, _FP32_ONLY + " (rel_stride=1, compat='timm')"),
+    ('halo', 'halo_bwd_dq', 'b=8 h=3 s=2 r=1 d=32 mask'): ({'fp32'}, _FP32_ONLY + " (rel_stride=1, compat='timm')"),
+    ('halo', 'halo_bwd_dq', 'b=12 h=2 s=1 r=1 d=64 mask'): ({'fp32'}, _FP32_ONLY),
+    ('halo', 'halo_bwd_dkdv', 'b=12 h=2 s=1 r=1 d=64 zeros'): ({'fp32', 'bf16', 'fp16'}, _HALO_B12),
+    ('halo', 'halo_bwd_dkdv', 'b=12 h=2 s=1 r=1 d=64 mask'): ({'fp32', 'bf16', 'fp16'}, _HALO_B12),
+    ('local1d', 'local_bwd_dkdv', 'N=4096 d=64'): (
+        {'fp32'}, _FP32_ONLY + ' (S and dP formed in the dq kernel\'s [queries, keys] orientation, so that the two '
+        'kernels agree bit for bit at large logits)'),
 }
 
 
@@ -119,10 +128,15 @@ def launches() -> Iterator[Launch]:
                      BLOCK_DK=d, BLOCK_DV=d)
             for fn in (na._na_fwd_kernel, na._na_bwd_dq_kernel, na._na_bwd_dkdv_kernel):
                 yield Launch('neighborhood', f'7×7 d={d} dil={dilation}', fn, c, dtype)
+        # HaloNet's blocks; r = rel_stride: s (the default) and, for s > 1, 1 (HaloAttn(compat='timm')); both pad
+        # modes (REL_STRIDE and PAD_ZEROS are constexprs: each value is its own kernel)
         for block, halo_size, stride, rel, d in ((8, 3, 1, True, 16), (8, 3, 2, True, 32), (12, 2, 1, False, 64)):
-            c = dict(HAS_REL=rel, **halo._config(d, d, size, block, halo_size, stride))
-            for fn in (halo._halo_fwd_kernel, halo._halo_bwd_dq_kernel, halo._halo_bwd_dkdv_kernel):
-                yield Launch('halo', f'b={block} h={halo_size} s={stride} d={d}', fn, c, dtype)
+            for rel_stride in sorted({stride, 1}, reverse=True):
+                for pad_mode in PAD_MODES:
+                    c = dict(HAS_REL=rel, **halo._config(d, d, size, block, halo_size, stride, rel_stride, pad_mode))
+                    shape = f'b={block} h={halo_size} s={stride} r={rel_stride} d={d} {pad_mode}'
+                    for fn in (halo._halo_fwd_kernel, halo._halo_bwd_dq_kernel, halo._halo_bwd_dkdv_kernel):
+                        yield Launch('halo', shape, fn, c, dtype)
         shape = '[32, 256, 56, 56]'  # the channel gate's benchmark shape, SE with r = 16
         rows = gate._blocks(32 * 256, 56 * 56)
         for has_y, want_max in ((False, True), (True, False)):

@@ -256,7 +256,8 @@ BLOCK: int | None = None  # rows of the query and key tiles; None: chosen from t
 def _config(dk: int, dv: int, element_size: int, block_size: int, halo_size: int, stride: int, rel_stride: int,
             pad_mode: str) -> dict:
     """Tile sizes and warps: on a GPU ``tile_rows`` (at most the block's queries) on 8 warps, on which no kernel
-    spills registers on sm_90 in 16-bit dtypes at HaloNet's sizes (with 4 warps the forward sits at 255 registers
+    spills registers on sm_90 in 16-bit dtypes at HaloNet's sizes with Triton 3.9 (Triton 3.8 spills 72-88 B in the
+    key-side backward at b=12, d=64; with 4 warps the forward sits at 255 registers
     and the backward spills; ``benchmarks/kernel_resources.py``); in the interpreter, which pays per program and per
     loop step, one tile per query block and per window where it can."""
     block_dk, block_dv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
