@@ -5,6 +5,7 @@ eager computes (plain, key-padded and causal calls, where the mixer honours them
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from fnmatch import fnmatch
 
 import pytest
@@ -12,6 +13,7 @@ import timm
 import torch
 
 import visattn
+from visattn.mixers._sparse_utils import EMPTY_LSE, MASKED, attention_lse
 from visattn.models import NOT_SCRIPTABLE
 
 DIM, HEADS, N = 32, 4, 23
@@ -25,7 +27,7 @@ def _excluded(mixer: str) -> bool:
 SCRIPTABLE = [m for m in visattn.list_mixers() if not _excluded(m)]
 
 
-def _script(module: torch.nn.Module) -> torch.jit.ScriptModule:
+def _script(module: torch.nn.Module | Callable) -> torch.jit.ScriptModule | torch.jit.ScriptFunction:
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script is deprecated, not gone: timm still tests it
         return torch.jit.script(module)
@@ -67,3 +69,27 @@ def test_not_scriptable_entries_are_true(pattern: str) -> None:
             model = timm.create_model(model_name, pretrained=False).eval()
         with pytest.raises(Exception):  # noqa: B017 - TorchScript raises frontend, runtime or assertion errors
             _script(model)
+
+
+def test_scripted_longformer_global_tokens_match_eager() -> None:
+    """Negative, repeated and unsorted global positions resolve alike in the scripted loop and in eager."""
+    torch.manual_seed(0)
+    mixer = visattn.create_mixer('longformer', DIM, num_heads=HEADS, window=5, global_tokens=(7, -1, 0, 22, 7)).eval()
+    scripted = _script(mixer)
+    assert scripted.global_index(N).tolist() == mixer.global_index(N).tolist() == [0, 7, 22]
+    x = torch.randn(2, N, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), mixer(x), rtol=0, atol=0)
+        torch.testing.assert_close(scripted(x, is_causal=True), mixer(x, is_causal=True), rtol=0, atol=0)
+
+
+def test_scripted_empty_rows_use_the_module_constants() -> None:
+    """The scripted helpers spell ``MASKED``/``EMPTY_LSE`` as literals: a row that sees no key must still give
+    ``EMPTY_LSE`` and zeros, scripted as in eager."""
+    q, k, v = torch.randn(3, 1, 2, 5, 4, dtype=torch.float64).unbind(0)  # float64: the constants exactly
+    mask = torch.ones(1, 2, 5, 5, dtype=torch.bool)
+    mask[:, 1, 3] = False
+    fn = _script(attention_lse)
+    for out, lse in (attention_lse(q, k, v, mask, 0.5), fn(q, k, v, mask, 0.5)):
+        assert lse[0, 1, 3].item() == EMPTY_LSE and lse[0, 0].gt(MASKED / 2).all()
+        assert out[0, 1, 3].abs().max().item() == 0.

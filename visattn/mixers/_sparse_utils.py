@@ -11,24 +11,23 @@ exact softmax with `merge_lse`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._utils import check_int
 
 # Score of a masked pair, and log-sum-exp of a row that sees no key: finite, so that no NaN can appear in
-# the forward or backward pass; a row that sees nothing outputs zeros.
+# the forward or backward pass; a row that sees nothing outputs zeros. The scripted helpers spell them as
+# literals (TorchScript reads no module-level number); tests/mixers check that the two agree.
 MASKED = -1e30
 EMPTY_LSE = -1e30
 
 __all__ = [
     'MASKED', 'EMPTY_LSE', 'attention_lse', 'merge_lse', 'window_attention_lse',
     'gather_rows', 'scatter_rows', 'split_residues', 'merge_residues', 'ceil_log', 'pad_to_multiple',
-    'look_back', 'key_mask_of', 'hash_bits', 'hash_uniform', 'hash_normal', 'active_dropout', 'SeededMixin',
+    'look_back', 'key_mask_of', 'hash_bits', 'hash_uniform', 'hash_normal', 'SeededMixin',
 ]
 
 
@@ -36,12 +35,11 @@ def attention_lse(
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        mask: Tensor | None = None,
-        *,
+        mask: Tensor | None,
         scale: float,
         bias: Tensor | None = None,
         fill: tuple[Tensor, float] | None = None,
-        drop: Callable[[Tensor], Tensor] | None = None,
+        dropout_p: float = 0.,
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention of ``q`` over ``k``/``v`` with the log-sum-exp of every row.
 
@@ -51,15 +49,16 @@ def attention_lse(
         q: [..., n, D] queries.
         k: [..., m, D] keys.
         v: [..., m, Dv] values.
-        mask: bool, broadcastable to [..., n, m]; True = attend.
+        mask: bool, broadcastable to [..., n, m]; True = attend (None: every key).
         scale: multiplier of ``q·k``.
         bias: float added to the scores, broadcastable to [..., n, m].
         fill: ``(where, score)``: the scores where the bool ``where`` (broadcastable) is True become ``score``.
-        drop: dropout applied to the normalised weights.
+        dropout_p: dropout probability on the normalised weights, applied when > 0 (pass 0 outside training).
 
     Returns:
         ``(out [..., n, Dv] in v's dtype, lse [..., n] in at least float32)``.
     """
+    masked, empty_lse = -1e30, -1e30  # MASKED, EMPTY_LSE
     s = torch.matmul(q, k.transpose(-1, -2))
     s = s.to(torch.promote_types(s.dtype, torch.float32)).mul_(scale)  # a fresh tensor: updated in place below
     if bias is not None:
@@ -68,23 +67,23 @@ def attention_lse(
         s = s.masked_fill_(fill[0], fill[1]) if torch.broadcast_shapes(fill[0].shape, s.shape) == s.shape \
             else s.masked_fill(fill[0], fill[1])
     if mask is not None:
-        s = s.masked_fill_(~mask, MASKED) if torch.broadcast_shapes(mask.shape, s.shape) == s.shape \
-            else s.masked_fill(~mask, MASKED)
+        s = s.masked_fill_(~mask, masked) if torch.broadcast_shapes(mask.shape, s.shape) == s.shape \
+            else s.masked_fill(~mask, masked)
     m = s.amax(-1, keepdim=True).detach()
     p = s.sub_(m).exp_()  # masked pairs: exp(MASKED - m) = 0 unless the whole row is masked
     denom = p.sum(-1, keepdim=True)
-    if drop is not None:
-        p = drop(p)
+    if dropout_p > 0.:
+        p = F.dropout(p, dropout_p, True)
     out = (torch.matmul(p.to(v.dtype), v) / denom).to(v.dtype)
     lse = m + torch.log(denom)
     if mask is not None:
-        seen = m > MASKED / 2  # the row sees at least one key
+        seen = m > masked / 2  # the row sees at least one key
         out = out.masked_fill(~seen, 0.)
-        lse = torch.where(seen, lse, EMPTY_LSE)
+        lse = torch.where(seen, lse, empty_lse)
     return out, lse.squeeze(-1)
 
 
-def merge_lse(parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+def merge_lse(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
     """Combine attention pieces over disjoint key sets into the softmax over their union.
 
     Args:
@@ -95,10 +94,9 @@ def merge_lse(parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
     """
     if len(parts) == 1:
         return parts[0][0]
-    lses = torch.stack([lse for _, lse in parts])
-    total = torch.logsumexp(lses, dim=0)
-    out = 0
-    for o, lse in parts:
+    total = torch.logsumexp(torch.stack([part[1] for part in parts]), dim=0)
+    out = parts[0][0] * torch.exp(parts[0][1] - total).unsqueeze(-1).to(parts[0][0].dtype)
+    for o, lse in parts[1:]:
         out = out + o * torch.exp(lse - total).unsqueeze(-1).to(o.dtype)
     return out
 
@@ -124,7 +122,7 @@ def key_mask_of(key_padding_mask: Tensor | None, q: Tensor) -> Tensor:
 
 def _band_attention_lse(
         q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool, key_mask: Tensor, scale: float,
-        tags: Tensor | None, self_score: float | None, drop: Callable[[Tensor], Tensor] | None,
+        tags: Tensor | None, self_score: float | None, dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     """Undilated sliding window: query i sees keys i-window..i+window (..i if causal), block by block."""
     N = q.shape[-2]
@@ -132,36 +130,39 @@ def _band_attention_lse(
     nb = -(-N // b)
     right = 0 if causal else window
     span = b + window + right
-    lead = q.shape[:-2]
-    qb = pad_to_multiple(q, b, -2).reshape(*lead, nb, b, q.shape[-1])
-
-    def band(x: Tensor, feat: bool, value: float | bool = 0) -> Tensor:
-        # [..., N(, D)] -> [..., nb, span(, D)]: block c sees positions c*b - window .. c*b + b + right - 1
-        if feat:
-            x = F.pad(pad_to_multiple(x, b, -2, value), (0, 0, window, right), value=value)
-            return x.unfold(-2, span, b).transpose(-1, -2)
-        x = F.pad(pad_to_multiple(x, b, -1, value), (window, right), value=value)
-        return x.unfold(-1, span, b)
-
-    kb, vb = band(k, True), band(v, True)
+    lead: list[int] = list(q.shape[:-2])
+    qb = pad_to_multiple(q, b, -2).reshape(lead + [nb, b, q.shape[-1]])
+    kb, vb = _band(k, b, window, right, True), _band(v, b, window, right, True)
     i = torch.arange(b, device=q.device)[:, None]
     j = torch.arange(span, device=q.device)[None, :]
     rel = j - window - i  # key position minus query position
     allowed = (rel >= -window) & (rel <= (0 if causal else window))  # [b, span]
-    mask = band(key_mask, False, False).unsqueeze(-2) & allowed  # [..., nb, b, span]
+    mask = _band(key_mask, b, window, right, False).unsqueeze(-2) & allowed  # [..., nb, b, span]
     if tags is not None:
-        tq = pad_to_multiple(tags, b, -1, -1).reshape(*tags.shape[:-1], nb, b)
-        mask = mask & (tq.unsqueeze(-1) == band(tags, False, -2).unsqueeze(-2))
-    fill = None if self_score is None else (rel == 0, self_score)
-    out, lse = attention_lse(qb, kb, vb, mask, scale=scale, fill=fill, drop=drop)
+        tq = pad_to_multiple(tags, b, -1, -1.).reshape(list(tags.shape[:-1]) + [nb, b])
+        mask = mask & (tq.unsqueeze(-1) == _band(tags, b, window, right, False, -2.).unsqueeze(-2))
+    fill: tuple[Tensor, float] | None = None
+    if self_score is not None:
+        fill = (rel == 0, self_score)
+    out, lse = attention_lse(qb, kb, vb, mask, scale=scale, fill=fill, dropout_p=dropout_p)
     return out.flatten(-3, -2)[..., :N, :], lse.flatten(-2)[..., :N]
+
+
+def _band(x: Tensor, b: int, window: int, right: int, feat: bool, value: float = 0.) -> Tensor:
+    """``[..., N(, D)] -> [..., nb, span(, D)]``: block ``c`` (of ``b`` queries) sees positions
+    ``c*b - window .. c*b + b + right - 1``, padded with ``value`` outside ``[0, N)``."""
+    span = b + window + right
+    if feat:
+        x = F.pad(pad_to_multiple(x, b, -2, value), (0, 0, window, right), value=value)
+        return x.unfold(-2, span, b).transpose(-1, -2)
+    x = F.pad(pad_to_multiple(x, b, -1, value), (window, right), value=value)
+    return x.unfold(-1, span, b)
 
 
 def window_attention_lse(
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        *,
         window: int,
         dilation: int = 1,
         causal: bool = False,
@@ -169,7 +170,7 @@ def window_attention_lse(
         scale: float | None = None,
         tags: Tensor | None = None,
         self_score: float | None = None,
-        drop: Callable[[Tensor], Tensor] | None = None,
+        dropout_p: float = 0.,
 ) -> tuple[Tensor, Tensor]:
     """Sliding-window softmax attention with dilation, and its log-sum-exp; memory O(N·window).
 
@@ -185,7 +186,7 @@ def window_attention_lse(
         scale: multiplier of ``q·k`` (default ``D ** -0.5``).
         tags: int [..., N]; when given, a query sees only keys with its own tag.
         self_score: the score of a query with itself (Reformer's ``-5e4``: itself only when it sees nothing else).
-        drop: dropout on the attention weights.
+        dropout_p: dropout probability on the attention weights (see `attention_lse`).
 
     Returns:
         ``(out [..., N, D], lse [..., N])``.
@@ -194,17 +195,17 @@ def window_attention_lse(
     if key_mask is None:
         key_mask = torch.ones(q.shape[-2], dtype=torch.bool, device=q.device)
     if dilation == 1:
-        return _band_attention_lse(q, k, v, window, causal, key_mask, scale, tags, self_score, drop)
+        return _band_attention_lse(q, k, v, window, causal, key_mask, scale, tags, self_score, dropout_p)
     N = q.shape[-2]
 
     out, lse = _band_attention_lse(
         split_residues(q, dilation), split_residues(k, dilation), split_residues(v, dilation), window, causal,
-        split_residues(key_mask, dilation, feat=False, value=False), scale,
-        None if tags is None else split_residues(tags, dilation, feat=False, value=-1), self_score, drop)
+        split_residues(key_mask, dilation, feat=False), scale,
+        None if tags is None else split_residues(tags, dilation, feat=False, value=-1.), self_score, dropout_p)
     return merge_residues(out, N), merge_residues(lse, N, feat=False)
 
 
-def split_residues(x: Tensor, stride: int, feat: bool = True, value: float | bool = 0) -> Tensor:
+def split_residues(x: Tensor, stride: int, feat: bool = True, value: float = 0.) -> Tensor:
     """``[..., N(, D)] -> [..., stride, ceil(N/stride)(, D)]``: the residue classes ``i mod stride`` (padded)."""
     if feat:
         return pad_to_multiple(x, stride, -2, value).unflatten(-2, (-1, stride)).transpose(-2, -3)
@@ -220,15 +221,15 @@ def merge_residues(x: Tensor, n: int, feat: bool = True) -> Tensor:
 
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     """``x [..., N, D]``, ``idx [..., M]`` (int, same leading dims or broadcastable) -> ``[..., M, D]``."""
-    lead = torch.broadcast_shapes(x.shape[:-2], idx.shape[:-1])
-    x = x.expand(*lead, *x.shape[-2:])
-    idx = idx.expand(*lead, idx.shape[-1])
-    return torch.gather(x, -2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+    lead: list[int] = list(torch.broadcast_shapes(x.shape[:-2], idx.shape[:-1]))
+    x = x.expand(lead + list(x.shape[-2:]))
+    idx = idx.expand(lead + [idx.shape[-1]])
+    return torch.gather(x, -2, idx.unsqueeze(-1).expand(list(idx.shape) + [x.shape[-1]]))
 
 
 def scatter_rows(src: Tensor, idx: Tensor, n: int) -> Tensor:
     """Inverse of `gather_rows` for a permutation: ``out[..., idx[m], :] = src[..., m, :]``, length ``n``."""
-    out = src.new_zeros(*src.shape[:-2], n, src.shape[-1])
+    out = src.new_zeros(list(src.shape[:-2]) + [n, src.shape[-1]])
     return out.scatter(-2, idx.unsqueeze(-1).expand_as(src), src)
 
 
@@ -243,13 +244,11 @@ def look_back(x: Tensor, dim: int) -> Tensor:
     return torch.cat([x, x.roll(1, dims=dim)], dim=dim + 1)
 
 
-_HASH_MASK = 2 ** 31 - 1  # the hash works on 31-bit values: no product of two of them overflows int64
-
-
 def _mix(x: Tensor) -> Tensor:
     """One xorshift-multiply round on 31-bit values (int64 ``x`` in ``[0, 2^31)``)."""
-    x = ((x ^ (x >> 16)) * 0x2C1B3C6D) & _HASH_MASK
-    x = ((x ^ (x >> 13)) * 0x297A2D39) & _HASH_MASK
+    low31 = 0x7FFFFFFF  # the hash works on 31-bit values: no product of two of them overflows int64
+    x = ((x ^ (x >> 16)) * 0x2C1B3C6D) & low31
+    x = ((x ^ (x >> 13)) * 0x297A2D39) & low31
     return x ^ (x >> 16)
 
 
@@ -261,11 +260,11 @@ def hash_bits(seed: int, shape: list[int], stream: int = 0) -> Tensor:
     random patterns of the seeded mixers are traced whole by ``torch.compile(fullgraph=True)``. Computed on the
     CPU (move the result): any device works, meta included.
     """
-    key = (seed * 0x9E3779B1 + stream * 0x632BE5AB + 0x5BD1E995) % (2 ** 31)  # Python ints: exact
+    key = (seed * 0x9E3779B1 + stream * 0x632BE5AB + 0x5BD1E995) % 0x80000000  # exact in int64 too
     numel = 1
     for d in shape:
         numel *= d
-    x = _mix((torch.arange(numel, dtype=torch.int64) + key) & _HASH_MASK)
+    x = _mix((torch.arange(numel, dtype=torch.int64) + key) & 0x7FFFFFFF)
     return _mix(x ^ key).reshape(shape)
 
 
@@ -286,24 +285,19 @@ def ceil_log(n: int) -> int:
     return max(1, math.ceil(math.log(max(n, 2))))
 
 
-def active_dropout(drop: nn.Dropout) -> nn.Dropout | None:
-    """``drop`` when it would change anything (training and ``p > 0``), else None (no extra pass)."""
-    return drop if drop.p and drop.training else None
-
-
 class SeededMixin:
     """A ``seed`` for a mixer's random pattern, kept in the state dict (as extra state, a 0-d int64 tensor).
 
     ``seed=None`` draws it from torch's global generator at construction, so the layers of a model built after
     ``torch.manual_seed`` get different but reproducible patterns (the papers draw per layer); a loaded state
-    dict restores the seed, hence the pattern.
+    dict restores the seed, hence the pattern. (No class annotation of ``seed``: TorchScript would read it as the
+    unresolved string ``'int'``; it infers the int attribute from its value.)
     """
-
-    seed: int
 
     def init_seed(self, seed: int | None) -> None:
         # drawn on the CPU, so that building under ``with torch.device('meta')`` works too
-        self.seed = int(torch.randint(0, 2 ** 31 - 1, (), device='cpu')) if seed is None else check_int('seed', seed, 0)
+        self.seed: int = (int(torch.randint(0, 2 ** 31 - 1, (), device='cpu')) if seed is None
+                          else check_int('seed', seed, 0))
 
     def get_extra_state(self) -> Tensor:
         return torch.tensor(self.seed, dtype=torch.int64)

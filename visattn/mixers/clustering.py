@@ -35,7 +35,6 @@ from ._base import TokenMixer, softmax_attention
 from ._sparse_utils import (
     EMPTY_LSE,
     SeededMixin,
-    active_dropout,
     attention_lse,
     gather_rows,
     hash_normal,
@@ -79,8 +78,7 @@ class RoutingAttention(TokenMixer):
     """Routing attention: each online k-means cluster attends among its nearest queries and keys.
 
     Not scriptable with TorchScript: TorchScript fails with an internal assert (ir.cpp: outputs_[i]->uses().empty())
-    on its routing, and the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout module and
-    keyword-only arguments.
+    on its routing.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -167,8 +165,8 @@ class RoutingAttention(TokenMixer):
         qs = gather_rows(q.unsqueeze(2), q_idx)  # [B, H, k, w, D]
         ks, vs = gather_rows(k.unsqueeze(2), k_idx), gather_rows(v.unsqueeze(2), k_idx)
         mask = torch.gather(key_mask.unsqueeze(2).expand(B, H, kc, N), -1, k_idx).unsqueeze(-2)
-        drop = active_dropout(self.attn_drop)
-        out, lse = attention_lse(qs, ks, vs, mask, scale=self.scale, drop=drop)
+        dropout_p = self.attn_drop.p if self.training else 0.
+        out, lse = attention_lse(qs, ks, vs, mask, scale=self.scale, dropout_p=dropout_p)
         if self.training:
             self.update_centroids(qn, kn, key_mask.to(qn.dtype))
         # a query chosen by several clusters: one softmax over the union of their keys

@@ -25,7 +25,6 @@ from ..registry import register
 from ._base import TokenMixer
 from ._sparse_utils import (
     SeededMixin,
-    active_dropout,
     attention_lse,
     gather_rows,
     hash_normal,
@@ -48,9 +47,6 @@ SELF_SCORE = -5e4
 class ReformerAttention(SeededMixin, TokenMixer):
     """LSH attention with shared queries and keys.
 
-    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
-    module and keyword-only arguments.
-
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
             ``Attention`` (see `TokenMixer`).
@@ -67,8 +63,10 @@ class ReformerAttention(SeededMixin, TokenMixer):
         x: [B, N, C] -> [B, N, C]; ``attn_mask``: [B, N] bool key padding (True = real token).
     """
 
+    __constants__ = TokenMixer.__constants__ + ['self_score']
     supports_key_padding = True
     supports_causal = True
+    self_score = SELF_SCORE
 
     def __init__(
             self,
@@ -116,11 +114,11 @@ class ReformerAttention(SeededMixin, TokenMixer):
         nb = self.buckets_for(N)
         if nb == 1:
             return torch.zeros(B, H, self.n_hashes, N, dtype=torch.long, device=keys.device)
-        shape = (D, self.n_hashes, nb // 2)
+        shape = [D, self.n_hashes, nb // 2]
         if self.rehash_each_forward and self.training:
             rot = torch.randn(shape, device=keys.device, dtype=keys.dtype)
         else:
-            rot = hash_normal(self.seed, list(shape)).to(keys.device, keys.dtype)
+            rot = hash_normal(self.seed, shape).to(keys.device, keys.dtype)
         proj = torch.einsum('bhnd,drk->bhrnk', keys, rot)  # argmax of [xR; -xR] without forming it
         hi, lo = proj.max(dim=-1), proj.min(dim=-1)
         return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + nb // 2)
@@ -137,26 +135,27 @@ class ReformerAttention(SeededMixin, TokenMixer):
         buckets = self.hash(keys.detach()).masked_fill(~key_mask, self.buckets_for(N))  # [B, H, R, N]
         pos = torch.arange(N, device=q.device)
         order = (buckets * N + pos).argsort(dim=-1)  # [B, H, R, N]: sorted by bucket, then position
-        qs, ks, vs = (gather_rows(t.unsqueeze(2), order) for t in (q, keys, v))  # [B, H, R, N, D]
+        qs = gather_rows(q.unsqueeze(2), order)  # [B, H, R, N, D]
+        ks = gather_rows(keys.unsqueeze(2), order)
+        vs = gather_rows(v.unsqueeze(2), order)
         kms = torch.gather(key_mask.expand(B, H, R, N), -1, order)
-        drop = active_dropout(self.attn_drop)
+        dropout_p = self.attn_drop.p if self.training else 0.
         if is_causal:
             out, lse = window_attention_lse(
                 qs, ks, vs, window=c, causal=True, key_mask=kms, scale=self.scale,
-                tags=torch.gather(buckets, -1, order), self_score=SELF_SCORE, drop=drop)
+                tags=torch.gather(buckets, -1, order), self_score=self.self_score, dropout_p=dropout_p)
         else:
             nc = -(-N // c)
-
-            def chunk(t: Tensor) -> Tensor:  # [..., N, D] -> [..., nc, c, D]
-                return pad_to_multiple(t, c, -2).unflatten(-2, (nc, c))
-
-            ps = pad_to_multiple(order, c, -1, -1).unflatten(-1, (nc, c))
+            qc = pad_to_multiple(qs, c, -2).unflatten(-2, (nc, c))  # [..., nc, c, D]
+            kc = pad_to_multiple(ks, c, -2).unflatten(-2, (nc, c))
+            vc = pad_to_multiple(vs, c, -2).unflatten(-2, (nc, c))
+            ps = pad_to_multiple(order, c, -1, -1.).unflatten(-1, (nc, c))
             kpos = look_back(ps, -2)
-            mask = look_back(pad_to_multiple(kms, c, -1, False).unflatten(-1, (nc, c)), -2).unsqueeze(-2)
+            mask = look_back(pad_to_multiple(kms, c, -1, 0.).unflatten(-1, (nc, c)), -2).unsqueeze(-2)
             itself = ps.unsqueeze(-1) == kpos.unsqueeze(-2)  # [..., nc, c, 2c]
             out, lse = attention_lse(
-                chunk(qs), look_back(chunk(ks), -3), look_back(chunk(vs), -3), mask, scale=self.scale,
-                fill=(itself, SELF_SCORE), drop=drop)
+                qc, look_back(kc, -3), look_back(vc, -3), mask, scale=self.scale,
+                fill=(itself, self.self_score), dropout_p=dropout_p)
             out, lse = out.flatten(-3, -2)[..., :N, :], lse.flatten(-2)[..., :N]
         inv = order.argsort(dim=-1)
         out = gather_rows(out, inv)

@@ -28,7 +28,7 @@ from ._sparse_utils import (
 
 __all__ = ['ProbSparseAttention']
 
-QUERY_CHUNK = 2048
+QUERY_CHUNK = 2048  # queries per chunk of the sparsity estimate (``ProbSparseAttention.query_chunk``)
 
 
 @register(
@@ -37,9 +37,6 @@ QUERY_CHUNK = 2048
 )
 class ProbSparseAttention(SeededMixin, TokenMixer):
     """ProbSparse attention: the top-u queries by the sparsity measurement attend, the others take mean(V).
-
-    Not scriptable with TorchScript: its query gather (gather_rows) sizes tensors by star-unpacking shape lists
-    (x.expand(*lead, ...)), which TorchScript cannot size statically.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -56,7 +53,9 @@ class ProbSparseAttention(SeededMixin, TokenMixer):
         x: [B, N, C] -> [B, N, C]; ``attn_mask``: [B, N] bool key padding (True = real token).
     """
 
+    __constants__ = TokenMixer.__constants__ + ['query_chunk']
     supports_key_padding = True
+    query_chunk = QUERY_CHUNK
 
     def __init__(
             self,
@@ -83,9 +82,12 @@ class ProbSparseAttention(SeededMixin, TokenMixer):
         self.init_seed(seed)
         self.resample_each_forward = resample_each_forward
 
-    @torch.no_grad()
     def sparsity(self, q: Tensor, k: Tensor, key_mask: Tensor) -> Tensor:
-        """Estimated ``M(q_i, K)`` ``[B, H, N]`` from ``factor·ceil(ln N)`` keys sampled per query."""
+        """Estimated ``M(q_i, K)`` ``[B, H, N]`` from ``factor·ceil(ln N)`` keys sampled per query (no gradient)."""
+        with torch.no_grad():
+            return self._sparsity(q, k, key_mask)
+
+    def _sparsity(self, q: Tensor, k: Tensor, key_mask: Tensor) -> Tensor:
         N = q.shape[-2]
         n_sample = min(N, self.factor * ceil_log(N))
         if self.resample_each_forward and self.training:
@@ -93,11 +95,11 @@ class ProbSparseAttention(SeededMixin, TokenMixer):
         else:
             idx = (hash_bits(self.seed, [N, n_sample]) % N).to(q.device)
         ms = []
-        for start in range(0, N, QUERY_CHUNK):  # chunks of queries bound the [.., n, n_sample, D] gather
-            sl = slice(start, start + QUERY_CHUNK)
-            ks = k[:, :, idx[sl]]  # [B, H, n, n_sample, D]
-            s = upcast(torch.einsum('bhnd,bhnsd->bhns', q[:, :, sl], ks)) * self.scale
-            valid = key_mask[..., idx[sl]]  # [B, 1, n, n_sample]
+        for start in range(0, N, self.query_chunk):  # chunks of queries bound the [.., n, n_sample, D] gather
+            chunk = idx[start:start + self.query_chunk]  # [n, n_sample]
+            ks = k[:, :, chunk]  # [B, H, n, n_sample, D]
+            s = upcast(torch.einsum('bhnd,bhnsd->bhns', q[:, :, start:start + self.query_chunk], ks)) * self.scale
+            valid = key_mask[:, :, chunk]  # [B, 1, n, n_sample]
             top = s.masked_fill(~valid, float('-inf')).amax(-1)
             mean = (s * valid).sum(-1) / valid.sum(-1).clamp_min(1)
             ms.append(torch.where(valid.any(-1), top - mean, torch.full_like(top, float('-inf'))))
@@ -117,4 +119,4 @@ class ProbSparseAttention(SeededMixin, TokenMixer):
         w = key_mask.unsqueeze(-1).to(v.dtype)
         lazy = (v * w).sum(-2, keepdim=True) / w.sum(-2, keepdim=True).clamp_min(1)  # [B, H, 1, D]
         out = lazy.expand_as(v).contiguous()
-        return out.scatter(-2, top.unsqueeze(-1).expand(*top.shape, v.shape[-1]), active.to(out.dtype))
+        return out.scatter(-2, top.unsqueeze(-1).expand(list(top.shape) + [v.shape[-1]]), active.to(out.dtype))

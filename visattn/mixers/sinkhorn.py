@@ -22,7 +22,7 @@ from .._utils import check_float, check_int
 from ..ops._dispatch import upcast
 from ..registry import register
 from ._base import TokenMixer
-from ._sparse_utils import active_dropout, attention_lse, key_mask_of, pad_to_multiple
+from ._sparse_utils import attention_lse, key_mask_of, pad_to_multiple
 
 __all__ = ['SinkhornAttention']
 
@@ -41,9 +41,6 @@ def sinkhorn(log_alpha: Tensor, iters: int) -> Tensor:
 )
 class SinkhornAttention(TokenMixer):
     """Block attention to the own block and the Sinkhorn-sorted block.
-
-    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
-    module and keyword-only arguments.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -116,7 +113,8 @@ class SinkhornAttention(TokenMixer):
         weight = torch.einsum('bhij,bzjt->bhit', sort, w)  # [B, H, nb, b]: how much real token each sorted key holds
         mask = torch.cat([weight > 0, key_mask.expand_as(weight)], dim=-1).unsqueeze(-2)
         bias = torch.cat([torch.log(weight.clamp_min(1e-30)), torch.zeros_like(weight)], dim=-1).unsqueeze(-2)
-        drop = active_dropout(self.attn_drop)
+        dropout_p = self.attn_drop.p if self.training else 0.
         out, _ = attention_lse(
-            qb, torch.cat([ks, kb], dim=-2), torch.cat([vs, vb], dim=-2), mask, scale=self.scale, bias=bias, drop=drop)
+            qb, torch.cat([ks, kb], dim=-2), torch.cat([vs, vb], dim=-2), mask, scale=self.scale, bias=bias,
+            dropout_p=dropout_p)
         return out.flatten(2, 3)[:, :, :N]

@@ -28,12 +28,12 @@ from torch import Tensor
 
 from .._utils import check_int
 from ..ops import local_attention_1d
+from ..ops.local1d import local_attention_1d_naive
 from ..registry import register
 from ._base import TokenMixer
 from ._sparse_utils import (
     MASKED,
     SeededMixin,
-    active_dropout,
     attention_lse,
     hash_uniform,
     key_mask_of,
@@ -66,9 +66,6 @@ class LocalAttention(TokenMixer):
 
     Without a padding mask (and without attention dropout) the call goes to `visattn.ops.local_attention_1d`
     (Triton on CUDA); with one, to the same blocked computation with the padded keys masked.
-
-    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
-    module and keyword-only arguments, and the unpadded path calls ops.local_attention_1d (keyword-only arguments).
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -111,13 +108,15 @@ class LocalAttention(TokenMixer):
             self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
             is_causal: bool,
     ) -> Tensor:
-        drop = active_dropout(self.attn_drop)
-        if key_padding_mask is None and drop is None:
+        dropout_p = self.attn_drop.p if self.training else 0.
+        if key_padding_mask is None and dropout_p == 0.:
+            if torch.jit.is_scripting():  # the PyTorch path, which the eager call takes on a CPU
+                return local_attention_1d_naive(q, k, v, self.window, self.dilation, is_causal, self.scale)
             return local_attention_1d(
                 q, k, v, window=self.window, dilation=self.dilation, causal=is_causal, scale=self.scale)
         return window_attention_lse(
             q, k, v, window=self.window - 1 if is_causal else self.window // 2, dilation=self.dilation,
-            causal=is_causal, scale=self.scale, key_mask=key_mask_of(key_padding_mask, q), drop=drop)[0]
+            causal=is_causal, scale=self.scale, key_mask=key_mask_of(key_padding_mask, q), dropout_p=dropout_p)[0]
 
 
 @register(
@@ -133,9 +132,6 @@ class LongformerAttention(TokenMixer):
     local ones: at construction, and when a state dict without ``qkv_global`` (a timm ViT's) is loaded.
     Causal: the window is the ``window`` keys ending at the query, a global token is seen only by the tokens
     at or after it and sees only the tokens up to it.
-
-    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
-    module and keyword-only arguments, and the global-token positions use Python sets and comprehension-ifs.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -195,10 +191,17 @@ class LongformerAttention(TokenMixer):
 
     def global_index(self, seq_len: int, device: torch.device | None = None) -> Tensor:
         """The sorted, unique global token positions for a sequence of ``seq_len`` tokens."""
-        bad = [i for i in self.global_tokens if not -seq_len <= i < seq_len]
-        if bad:
+        bad: list[int] = []
+        positions: list[int] = []
+        for i in self.global_tokens:  # plain loops and lists: TorchScript takes no set or comprehension-if
+            if not -seq_len <= i < seq_len:
+                bad.append(i)
+            elif i % seq_len not in positions:
+                positions.append(i % seq_len)
+        if len(bad):
             raise ValueError(f'global_tokens {bad} are out of range for a sequence of {seq_len} tokens')
-        return torch.tensor(sorted({i % seq_len for i in self.global_tokens}), dtype=torch.long, device=device)
+        positions.sort()
+        return torch.tensor(positions, dtype=torch.long, device=device)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         kpm, _ = self.check_input(x, attn_mask, is_causal)
@@ -206,30 +209,30 @@ class LongformerAttention(TokenMixer):
         N = x.shape[1]
         g = self.global_index(N, x.device)
         key_mask = key_mask_of(kpm, q)  # [B, 1, N]
-        drop = active_dropout(self.attn_drop)
+        dropout_p = self.attn_drop.p if self.training else 0.
         is_global = torch.zeros(N, dtype=torch.bool, device=x.device).index_fill(0, g, True)
-        parts = []
+        parts: list[tuple[Tensor, Tensor]] = []
         pos = torch.arange(N, device=x.device)
         if len(g) < N:
             parts.append(window_attention_lse(
                 q, k, v, window=self.window - 1 if is_causal else self.window // 2, dilation=self.dilation,
-                causal=is_causal, key_mask=key_mask & ~is_global, scale=self.scale, drop=drop))
+                causal=is_causal, key_mask=key_mask & ~is_global, scale=self.scale, dropout_p=dropout_p))
         if len(g):  # every token also sees the global tokens (one softmax with its window)
-            mask = key_mask[..., g].unsqueeze(-2)  # [B, 1, 1, G]
+            mask = key_mask[:, :, g].unsqueeze(-2)  # [B, 1, 1, G]
             if is_causal:
                 mask = mask & (g[None, :] <= pos[:, None])
-            parts.append(attention_lse(q, k[:, :, g], v[:, :, g], mask, scale=self.scale, drop=drop))
+            parts.append(attention_lse(q, k[:, :, g], v[:, :, g], mask, scale=self.scale, dropout_p=dropout_p))
         out = merge_lse(parts)
         if len(g):  # the global tokens see every token, through their own projections
             qg, kg, vg = q, k, v
             if self.qkv_global is not None:
                 qg, kg, vg = self.qkv_global(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(
-                    2, 0, 3, 1, 4)
+                    2, 0, 3, 1, 4).unbind(0)
                 qg, kg = self.q_norm(qg), self.k_norm(kg)
             mask = key_mask.unsqueeze(-2)  # [B, 1, 1, N]
             if is_causal:
                 mask = mask & (pos[None, :] <= g[:, None])
-            rows = attention_lse(qg[:, :, g], kg, vg, mask, scale=self.scale, drop=drop)[0]
+            rows = attention_lse(qg[:, :, g], kg, vg, mask, scale=self.scale, dropout_p=dropout_p)[0]
             out = out.index_copy(2, g, rows.to(out.dtype))
         return self.merge_heads(out)
 
@@ -248,8 +251,8 @@ class BigBirdAttention(SeededMixin, TokenMixer):
     blocks are drawn from ``seed`` and the number of blocks, so a module is deterministic; `block_layout`
     returns them.
 
-    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
-    module and keyword-only arguments.
+    Not scriptable with TorchScript: its block layout uses a set and a dict cache, and its sparse rows nested
+    functions.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -342,7 +345,7 @@ class BigBirdAttention(SeededMixin, TokenMixer):
         # the global blocks are the first ``lo`` and the last ``nb - hi`` blocks: blocks lo..hi-1 are the others
         lo = min(math.ceil(self.num_global_blocks / 2), nb)
         hi = max(lo, nb - self.num_global_blocks + lo)
-        drop = active_dropout(self.attn_drop)
+        dropout_p = self.attn_drop.p if self.training else 0.
         key_mask = None if key_padding_mask is None else key_mask_of(key_padding_mask, q)  # [B, 1, N]
         # the rows of the global blocks, cut at N: static lengths (no boolean indexing)
         rows = torch.cat([torch.arange(min(lo * b, N), device=q.device),
@@ -350,7 +353,7 @@ class BigBirdAttention(SeededMixin, TokenMixer):
         full = q.new_zeros(*q.shape[:2], 0, q.shape[-1])
         if len(rows):  # the global blocks see every token
             full = attention_lse(q[:, :, rows], k, v, None if key_mask is None else key_mask.unsqueeze(-2),
-                                 scale=self.scale, drop=drop)[0]
+                                 scale=self.scale, dropout_p=dropout_p)[0]
         if hi == lo:
             return full
         start = self.num_window_blocks + len(glob)  # the random blocks follow the window and global ones
@@ -358,13 +361,13 @@ class BigBirdAttention(SeededMixin, TokenMixer):
         # one head at a time: the score pieces of a head are small enough to stay in cache between passes
         mid = torch.cat([
             self._sparse_rows(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], key_mask, lo, hi, rows, rnd[h:h + 1],
-                              rnd_ok[h:h + 1], drop)
+                              rnd_ok[h:h + 1], dropout_p)
             for h in range(q.shape[1])], dim=1)
         return torch.cat([full[:, :, :lo * b], mid, full[:, :, lo * b:]], dim=2)[:, :, :N]
 
     def _sparse_rows(
             self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, lo: int, hi: int, cols: Tensor,
-            rnd: Tensor, rnd_ok: Tensor, drop: nn.Module | None,
+            rnd: Tensor, rnd_ok: Tensor, dropout_p: float,
     ) -> Tensor:
         """Attention of the non-global query blocks ``lo .. hi - 1`` over their window, global and random blocks.
 
@@ -424,7 +427,7 @@ class BigBirdAttention(SeededMixin, TokenMixer):
             denom = denom + p.sum(-1, keepdim=True)
             if p.dim() != val.dim():  # the global piece: every query block against the same keys
                 p = p.flatten(2, 3)
-            prod = torch.matmul((p if drop is None else drop(p)).to(v.dtype), val)
+            prod = torch.matmul((F.dropout(p, dropout_p, True) if dropout_p > 0. else p).to(v.dtype), val)
             out = out + prod.view(B, H, m, b, D)
         out = out / denom
         if key_ok is not None:  # a row that sees no key outputs zeros
@@ -478,9 +481,6 @@ class SparseStridedAttention(_SparseTransformerBase):
     """Sparse Transformer, strided pattern (one merged head per head): token i attends to j when
     ``|i - j| < l`` (the local part) or ``(i - j) mod l = 0`` (the strided part); ``j <= i`` when causal.
 
-    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
-    module and keyword-only arguments.
-
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
             ``Attention`` (see `TokenMixer`).
@@ -499,16 +499,16 @@ class SparseStridedAttention(_SparseTransformerBase):
         N = q.shape[-2]
         stride = self.stride_for(N)
         key_mask = key_mask_of(key_padding_mask, q)
-        drop = active_dropout(self.attn_drop)
+        dropout_p = self.attn_drop.p if self.training else 0.
         local = window_attention_lse(
-            q, k, v, window=stride - 1, causal=is_causal, key_mask=key_mask, scale=self.scale, drop=drop)
+            q, k, v, window=stride - 1, causal=is_causal, key_mask=key_mask, scale=self.scale, dropout_p=dropout_p)
         n = -(-N // stride)  # tokens per residue class
         a = torch.arange(n, device=q.device)
         pair = a[None, :] < a[:, None] if is_causal else a[None, :] != a[:, None]  # no self: it is in the window
         kr = split_residues(key_mask, stride, feat=False, value=False)  # [B, 1, l, n]
         out, lse = attention_lse(
             split_residues(q, stride), split_residues(k, stride), split_residues(v, stride),
-            kr.unsqueeze(-2) & pair, scale=self.scale, drop=drop)
+            kr.unsqueeze(-2) & pair, scale=self.scale, dropout_p=dropout_p)
         return merge_lse([local, (merge_residues(out, N), merge_residues(lse, N, feat=False))])
 
 
@@ -520,9 +520,6 @@ class SparseFixedAttention(_SparseTransformerBase):
     """Sparse Transformer, fixed pattern (one merged head per head): token i attends to j in its own block of
     l tokens (``floor(j/l) = floor(i/l)``) and to the summary columns ``j mod l >= l - c`` of every block;
     ``j <= i`` when causal.
-
-    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
-    module and keyword-only arguments.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -546,13 +543,13 @@ class SparseFixedAttention(_SparseTransformerBase):
         c = min(self.summary, stride)
         nb = -(-N // stride)
         key_mask = key_mask_of(key_padding_mask, q)
-        drop = active_dropout(self.attn_drop)
+        dropout_p = self.attn_drop.p if self.training else 0.
         a = torch.arange(stride, device=q.device)
         pair = a[None, :] <= a[:, None] if is_causal else None
         blocks = pad_to_multiple(key_mask, stride, -1, False).unflatten(-1, (nb, stride)).unsqueeze(-2)
         qb, kb, vb = (pad_to_multiple(t, stride, -2).unflatten(-2, (nb, stride)) for t in (q, k, v))
         own, own_lse = attention_lse(qb, kb, vb, blocks if pair is None else blocks & pair, scale=self.scale,
-                                     drop=drop)
+                                     dropout_p=dropout_p)
         parts = [(own.flatten(2, 3)[:, :, :N], own_lse.flatten(-2)[..., :N])]
         # the summary columns, block by block and cut at N (the last block may be short): a static length
         cols = (torch.arange(nb, device=q.device)[:, None] * stride
@@ -564,6 +561,6 @@ class SparseFixedAttention(_SparseTransformerBase):
             if is_causal:
                 other &= cols[None, :] < rows[:, None]
             parts.append(attention_lse(
-                q, k[:, :, cols], v[:, :, cols], key_mask[..., cols].unsqueeze(-2) & other, scale=self.scale,
-                drop=drop))
+                q, k[:, :, cols], v[:, :, cols], key_mask[:, :, cols].unsqueeze(-2) & other, scale=self.scale,
+                dropout_p=dropout_p))
         return merge_lse(parts)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..registry import register
 from ._base import TokenMixer
-from ._sparse_utils import active_dropout, attention_lse, key_mask_of, merge_lse, window_attention_lse
+from ._sparse_utils import attention_lse, key_mask_of, merge_lse, window_attention_lse
 
 __all__ = ['StarAttention']
 
@@ -28,9 +28,6 @@ __all__ = ['StarAttention']
 )
 class StarAttention(TokenMixer):
     """Ring + relay attention.
-
-    Not scriptable with TorchScript: the shared block-sparse helpers (mixers/_sparse_utils) take an nn.Dropout
-    module and keyword-only arguments.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -70,7 +67,7 @@ class StarAttention(TokenMixer):
         w = key_mask.transpose(1, 2).to(x.dtype)  # [B, N, 1]
         relay = (x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)  # [B, 1, C]
         _, ks, vs = self.split_heads(relay)  # [B, H, 1, D]
-        drop = active_dropout(self.attn_drop)
-        ring = window_attention_lse(q, k, v, window=1, key_mask=key_mask, scale=self.scale, drop=drop)
-        hub = attention_lse(q, ks, vs, scale=self.scale, drop=drop)
+        dropout_p = self.attn_drop.p if self.training else 0.
+        ring = window_attention_lse(q, k, v, window=1, key_mask=key_mask, scale=self.scale, dropout_p=dropout_p)
+        hub = attention_lse(q, ks, vs, None, scale=self.scale, dropout_p=dropout_p)
         return self.merge_heads(merge_lse([ring, hub]))

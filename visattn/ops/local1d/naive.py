@@ -44,7 +44,9 @@ def local_attention_1d_naive(q: Tensor, k: Tensor, v: Tensor, window: int, dilat
     scale = dk ** -0.5 if scale is None else scale
     lo, hi = window_offsets(window, dilation, causal)
     span = hi - lo + 1
-    block = min(block or (32 if span <= 32 else 64), n)
+    if block is None or block == 0:
+        block = 32 if span <= 32 else 64
+    block = min(block, n)
     nb = -(-n // block)
     kw = block + span - 1  # keys in the band of one query block
     qf = F.pad(upcast(q) * scale, (0, 0, 0, nb * block - n)).unflatten(2, (nb, block))  # [B, H, nb, block, Dk]
