@@ -21,8 +21,6 @@ output. O(N·C) instead of O(N²).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,7 +31,6 @@ from ..ops._dispatch import upcast
 from ..registry import register
 from ._base import TokenMixer, softmax_attention
 from ._sparse_utils import (
-    EMPTY_LSE,
     SeededMixin,
     attention_lse,
     gather_rows,
@@ -49,12 +46,14 @@ def kmeans_assign(x: Tensor, centroids: Tensor) -> Tensor:
 
     ``argmax_c (x·c - |c|²/2)``, the scores written once (one batched ``baddbmm``).
     """
-    lead = torch.broadcast_shapes(x.shape[:-2], centroids.shape[:-2])
-    n = math.prod(lead)  # not -1: the batch may be empty
-    xs = x.expand(*lead, *x.shape[-2:]).reshape(n, *x.shape[-2:])
-    cs = centroids.expand(*lead, *centroids.shape[-2:]).reshape(n, *centroids.shape[-2:])
+    lead: list[int] = list(torch.broadcast_shapes(x.shape[:-2], centroids.shape[:-2]))
+    n = 1  # not -1: the batch may be empty
+    for s in lead:
+        n *= s
+    xs = x.expand(lead + list(x.shape[-2:])).reshape([n] + list(x.shape[-2:]))
+    cs = centroids.expand(lead + list(centroids.shape[-2:])).reshape([n] + list(centroids.shape[-2:]))
     score = torch.baddbmm(-0.5 * cs.pow(2).sum(-1).unsqueeze(-2), xs, cs.transpose(-1, -2))
-    return score.argmax(dim=-1).reshape(*lead, x.shape[-2])
+    return score.argmax(dim=-1).reshape(lead + [x.shape[-2]])
 
 
 def cluster_means(x: Tensor, assign: Tensor, num_clusters: int, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -64,9 +63,9 @@ def cluster_means(x: Tensor, assign: Tensor, num_clusters: int, weight: Tensor |
     Memory O(N·D + C·D): no one-hot matrix.
     """
     w = torch.ones_like(assign, dtype=x.dtype) if weight is None else weight.to(x.dtype).expand(assign.shape)
-    sums = x.new_zeros(*x.shape[:-2], num_clusters, x.shape[-1]).scatter_add(
+    sums = x.new_zeros(list(x.shape[:-2]) + [num_clusters, x.shape[-1]]).scatter_add(
         -2, assign.unsqueeze(-1).expand_as(x), x * w.unsqueeze(-1))
-    counts = w.new_zeros(*assign.shape[:-1], num_clusters).scatter_add(-1, assign, w)
+    counts = w.new_zeros(list(assign.shape[:-1]) + [num_clusters]).scatter_add(-1, assign, w)
     return sums / counts.clamp_min(1).unsqueeze(-1), counts
 
 
@@ -76,9 +75,6 @@ def cluster_means(x: Tensor, assign: Tensor, num_clusters: int, weight: Tensor |
 )
 class RoutingAttention(TokenMixer):
     """Routing attention: each online k-means cluster attends among its nearest queries and keys.
-
-    Not scriptable with TorchScript: TorchScript fails with an internal assert (ir.cpp: outputs_[i]->uses().empty())
-    on its routing.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -125,12 +121,13 @@ class RoutingAttention(TokenMixer):
             with torch.no_grad():
                 self.centroids.copy_(F.normalize(torch.randn(self.centroids.shape), dim=-1))
 
-    @torch.no_grad()
-    @torch.autocast('cuda', enabled=False)
-    @torch.autocast('cpu', enabled=False)
     def update_centroids(self, qn: Tensor, kn: Tensor, weight: Tensor) -> None:
         """One online k-means step: move each centroid toward the mean of the unit q and k routed to it (in the
         dtype of ``qn``, at least float32, also under autocast)."""
+        with torch.no_grad(), torch.autocast('cuda', enabled=False), torch.autocast('cpu', enabled=False):
+            self._update_centroids(qn, kn, weight)
+
+    def _update_centroids(self, qn: Tensor, kn: Tensor, weight: Tensor) -> None:
         x = torch.cat([qn, kn], dim=-2).transpose(0, 1).flatten(1, 2)  # [H, B·2N, D], at least float32
         w = torch.cat([weight, weight], dim=-1).expand(qn.shape[0], qn.shape[1], -1).transpose(0, 1).flatten(1)
         old = self.centroids.to(x.dtype)
@@ -171,9 +168,10 @@ class RoutingAttention(TokenMixer):
             self.update_centroids(qn, kn, key_mask.to(qn.dtype))
         # a query chosen by several clusters: one softmax over the union of their keys
         flat_idx, flat_lse = q_idx.flatten(2), lse.flatten(2)  # [B, H, k·w]
-        top = torch.full((B, H, N), EMPTY_LSE, dtype=lse.dtype, device=q.device)
+        empty_lse = -1e30  # EMPTY_LSE (a literal: TorchScript cannot read module-level numbers)
+        top = torch.full((B, H, N), empty_lse, dtype=lse.dtype, device=q.device)
         top = top.scatter_reduce(-1, flat_idx, flat_lse, reduce='amax').detach()
-        wts = torch.exp(flat_lse - torch.gather(top, -1, flat_idx)) * (flat_lse > EMPTY_LSE)
+        wts = torch.exp(flat_lse - torch.gather(top, -1, flat_idx)) * (flat_lse > empty_lse)
         num = torch.zeros(B, H, N, D, dtype=wts.dtype, device=q.device).index_put(  # summed in at least float32
             (torch.arange(B, device=q.device)[:, None, None], torch.arange(H, device=q.device)[None, :, None],
              flat_idx), out.flatten(2, 3).to(wts.dtype) * wts.unsqueeze(-1), accumulate=True)
@@ -182,7 +180,6 @@ class RoutingAttention(TokenMixer):
 
 
 @torch.fx.wrap
-@torch.no_grad()
 def route(q: Tensor, k: Tensor, centroids: Tensor, key_mask: Tensor, w: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Balanced routing: each centroid takes its ``w`` nearest queries and keys.
 
@@ -195,13 +192,20 @@ def route(q: Tensor, k: Tensor, centroids: Tensor, key_mask: Tensor, w: int) -> 
     Returns:
         ``(unit q, unit k [B, H, N, D], query indices, key indices [B, H, C, w])``.
     """
-    with torch.autocast(q.device.type, enabled=False):
-        qn, kn = F.normalize(upcast(q), dim=-1), F.normalize(upcast(k), dim=-1)
-        mu = centroids.to(qn.dtype)
-        # padded tokens rank last (similarities are in [-1, 1]), so they never take the place of a real one
-        pad = ~key_mask.unsqueeze(-2)
-        q_idx = torch.einsum('bhnd,hcd->bhcn', qn, mu).masked_fill(pad, -2.).topk(w, dim=-1).indices
-        k_idx = torch.einsum('bhnd,hcd->bhcn', kn, mu).masked_fill(pad, -2.).topk(w, dim=-1).indices
+    with torch.no_grad():
+        if torch.jit.is_scripting():  # TorchScript: an autocast device must be a constant
+            return _route(q, k, centroids, key_mask, w)
+        with torch.autocast(q.device.type, enabled=False):
+            return _route(q, k, centroids, key_mask, w)
+
+
+def _route(q: Tensor, k: Tensor, centroids: Tensor, key_mask: Tensor, w: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    qn, kn = F.normalize(upcast(q), dim=-1), F.normalize(upcast(k), dim=-1)
+    mu = centroids.to(qn.dtype)
+    # padded tokens rank last (similarities are in [-1, 1]), so they never take the place of a real one
+    pad = ~key_mask.unsqueeze(-2)
+    q_idx = torch.einsum('bhnd,hcd->bhcn', qn, mu).masked_fill(pad, -2.).topk(w, dim=-1).indices
+    k_idx = torch.einsum('bhnd,hcd->bhcn', kn, mu).masked_fill(pad, -2.).topk(w, dim=-1).indices
     return qn, kn, q_idx, k_idx
 
 
@@ -213,12 +217,20 @@ def routing_inputs(
     autocast): recomputed from ``x`` [B, N, C] and the first two thirds of the ``qkv`` projection, so that the
     routing sees what a float32 module sees. With q/k norms (whose parameters may be 16-bit) ``q``, ``k`` are
     returned as they are (the routing still runs in float32 on them). A leaf for `torch.fx` (it tests dtypes)."""
+    # one return after the branches: TorchScript fails an internal assert on a return before a with block
     if with_norms or q.dtype not in (torch.float16, torch.bfloat16):
-        return q, k
-    B, H, N, D = q.shape
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        qk = F.linear(x.float(), weight[:2 * H * D].float(), None if bias is None else bias[:2 * H * D].float())
-    q32, k32 = qk.reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        q32, k32 = q, k
+    else:
+        B, H, N, D = q.shape
+        with torch.no_grad():
+            w32, b32 = weight[:2 * H * D].float(), None if bias is None else bias[:2 * H * D].float()
+            if torch.jit.is_scripting():  # TorchScript: an autocast device must be a constant
+                qk = F.linear(x.float(), w32, b32)
+            else:
+                with torch.autocast(x.device.type, enabled=False):
+                    qk = F.linear(x.float(), w32, b32)
+        qk = qk.reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4)
+        q32, k32 = qk[0], qk[1]
     return q32, k32
 
 
@@ -228,9 +240,6 @@ def routing_inputs(
 )
 class ClusteredAttention(SeededMixin, TokenMixer):
     """Clustered attention: the centroid of each query cluster attends, its members share the output.
-
-    Not scriptable with TorchScript: its k-means helpers size tensors by star-unpacking shape lists (x.expand(*lead,
-    ...)), which TorchScript cannot size statically.
 
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
@@ -276,10 +285,13 @@ class ClusteredAttention(SeededMixin, TokenMixer):
         self.bits = None if bits is None else check_int('bits', bits)
         self.init_seed(seed)
 
-    @torch.no_grad()
     def cluster(self, q: Tensor, weight: Tensor) -> Tensor:
         """k-means cluster ids ``[B, H, N]`` of the queries ``q [B, H, N, D]`` (``weight [B, 1, N]``: 0 = padding)."""
-        N, D = q.shape[-2:]
+        with torch.no_grad():
+            return self._cluster(q, weight)
+
+    def _cluster(self, q: Tensor, weight: Tensor) -> Tensor:
+        N, D = q.shape[-2], q.shape[-1]
         C = min(self.num_clusters, N)
         x = upcast(q)
         if self.bits is not None:

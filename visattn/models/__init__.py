@@ -11,9 +11,6 @@ __all__ = [
 ]
 
 # timm model-name patterns that TorchScript cannot compile, each with the reason (timm's EXCLUDE_JIT_FILTERS).
-_STAR_SHAPES = 'star-unpacked shape lists (x.expand(*lead, ...)), which TorchScript cannot size statically'
 NOT_SCRIPTABLE: dict[str, str] = {
     'vit_small_patch16_224_bigbird': 'its block layout uses a set and a dict cache; its sparse rows nested functions',
-    'vit_small_patch16_224_clustered': f'its k-means helpers size tensors by {_STAR_SHAPES}',
-    'vit_small_patch16_224_routing': 'TorchScript hits an internal assert (ir.cpp) on its routing',
 }
