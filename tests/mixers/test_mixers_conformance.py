@@ -209,6 +209,8 @@ def test_builds_on_the_meta_device(name):
         tensors = list(mixer.parameters()) + list(mixer.buffers())
         assert all(t.device.type == 'meta' for t in tensors)
     assert [t.shape for t in by_context.parameters()] == [t.shape for t in build(name).parameters()]
+    out = by_argument.eval()(torch.randn(2, 7, DIM, device='meta'))  # timm's cfg test runs forwards on meta
+    assert out.shape == (2, 7, DIM) and out.device.type == 'meta'
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

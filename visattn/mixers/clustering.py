@@ -195,7 +195,7 @@ def route(q: Tensor, k: Tensor, centroids: Tensor, key_mask: Tensor, w: int) -> 
     with torch.no_grad():
         if torch.jit.is_scripting():  # TorchScript: an autocast device must be a constant
             return _route(q, k, centroids, key_mask, w)
-        with torch.autocast(q.device.type, enabled=False):
+        with torch.autocast('cuda', enabled=False), torch.autocast('cpu', enabled=False):  # any device, meta too
             return _route(q, k, centroids, key_mask, w)
 
 
@@ -227,7 +227,7 @@ def routing_inputs(
             if torch.jit.is_scripting():  # TorchScript: an autocast device must be a constant
                 qk = F.linear(x.float(), w32, b32)
             else:
-                with torch.autocast(x.device.type, enabled=False):
+                with torch.autocast('cuda', enabled=False), torch.autocast('cpu', enabled=False):
                     qk = F.linear(x.float(), w32, b32)
         qk = qk.reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4)
         q32, k32 = qk[0], qk[1]
