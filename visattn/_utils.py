@@ -173,15 +173,25 @@ def get_act(act_layer: type[nn.Module] | str | None, inplace: bool = False) -> n
         return act_layer()
 
 
+def float_min(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).min`` of a compute dtype (float32 or float64 when scripted: TorchScript has no finfo)."""
+    if not torch.jit.is_scripting():
+        return torch.finfo(dtype).min
+    return -1.7976931348623157e308 if dtype == torch.float64 else -3.4028234663852886e38
+
+
+def float_tiny(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).tiny`` of a compute dtype (float32 or float64 when scripted, as `float_min`)."""
+    if not torch.jit.is_scripting():
+        return torch.finfo(dtype).tiny
+    return 2.2250738585072014e-308 if dtype == torch.float64 else 1.1754943508222875e-38
+
+
 def masked_softmax_fp32(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     """Softmax over ``dim`` in at least float32 of ``scores`` where ``mask`` is True; masked entries get 0 and a
     fully masked row gives zeros (never NaN, also in the backward). Returns float32 (float64 for float64)."""
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    if torch.jit.is_scripting():  # torch.finfo is not scriptable: the same values, float32's or float64's
-        lowest = -3.4028234663852886e38 if scores.dtype == torch.float32 else -1.7976931348623157e308
-    else:
-        lowest = torch.finfo(scores.dtype).min
-    scores = scores.masked_fill(~mask, lowest)
+    scores = scores.masked_fill(~mask, float_min(scores.dtype))
     return torch.softmax(scores, dim=dim) * mask
 
 

@@ -78,20 +78,6 @@ def combine_masks(
     return attn_mask.masked_fill(~mask, float('-inf'))
 
 
-def float_min(dtype: torch.dtype) -> float:
-    """``torch.finfo(dtype).min`` of a compute dtype (float32 or float64 when scripted: TorchScript has no finfo)."""
-    if not torch.jit.is_scripting():
-        return torch.finfo(dtype).min
-    return -1.7976931348623157e308 if dtype == torch.float64 else -3.4028234663852886e38
-
-
-def float_tiny(dtype: torch.dtype) -> float:
-    """``torch.finfo(dtype).tiny`` of a compute dtype (float32 or float64 when scripted, as `float_min`)."""
-    if not torch.jit.is_scripting():
-        return torch.finfo(dtype).tiny
-    return 2.2250738585072014e-308 if dtype == torch.float64 else 1.1754943508222875e-38
-
-
 def dead_rows(mask: Tensor) -> Tensor:
     """Rows of a combined mask (see `combine_masks`) that hide every key: [..., N, 1] bool."""
     if mask.dtype == torch.bool:

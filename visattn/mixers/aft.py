@@ -24,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils import float_min, float_tiny
 from ..registry import register
-from ._base import TokenMixer, check_length, check_seq_len, float_min, float_tiny
+from ._base import TokenMixer, check_length, check_seq_len
 
 __all__ = ['AFTFull', 'AFTLocal', 'AFTSimple', 'aft']
 

@@ -24,12 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_int
+from .._utils import check_int, float_min
 from ..ops import linear_attention
 from ..ops._dispatch import upcast
 from ..ops.linear.naive import linear_attention_naive
 from ..registry import register
-from ._base import TokenMixer, float_min
+from ._base import TokenMixer
 
 __all__ = ['EfficientAttention', 'FastAttention', 'LinearAttention', 'Performer', 'orthogonal_gaussian']
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_int
+from .._utils import check_int, float_tiny
 from ..ops._dispatch import upcast
 from ..registry import register
-from ._base import TokenMixer, check_length, check_seq_len, float_tiny, masked_softmax, softmax_attention
+from ._base import TokenMixer, check_length, check_seq_len, masked_softmax, softmax_attention
 
 __all__ = ['Linformer', 'Nystromformer', 'iterative_pinv']
 
