@@ -134,7 +134,7 @@ def ema_em(feats, bases, iters):
 
 def ref_ema(x, P, S, training, iters=3, em_grad=False):
     flat = x.flatten(2)
-    feats = _conv1x1(flat, P, 'conv_in')
+    feats = _conv1x1(flat, {**S, **P}, 'conv_in')  # buffers by default, parameters with em_grad=True
     with torch.set_grad_enabled(em_grad):
         mu, z = ema_em(feats, S['bases'], iters)
     recon = torch.relu(mu @ z.transpose(1, 2))
@@ -224,14 +224,15 @@ def test_ema_with_gradient_through_em():
 
 def test_ema_bases_move_by_moving_average_only_in_training():
     m = _randomize(visattn.create_attn('ema', 16, num_bases=6).double())
-    assert not any(p.requires_grad for p in m.conv_in.parameters())  # no gradient reaches it through the EM steps
+    # no gradient reaches it through the EM steps: its weights are buffers (same state-dict keys), not parameters
+    assert not list(m.conv_in.parameters()) and {'conv_in.weight', 'conv_in.bias'} <= set(m.state_dict())
     assert torch.allclose(m.bases.norm(dim=1), torch.ones(1, 6, dtype=torch.float64), atol=1e-5)
     x = torch.randn(3, 16, 7, 9, dtype=torch.float64)
     before = m.bases.clone()
     m.eval()(x)
     assert torch.equal(m.bases, before)
     m.train()(x)
-    mu, _ = ema_em(_conv1x1(x.flatten(2), dict(m.named_parameters()), 'conv_in'), before, 3)
+    mu, _ = ema_em(_conv1x1(x.flatten(2), m.state_dict(), 'conv_in'), before, 3)
     expected = 0.9 * before + 0.1 * _unit(mu.mean(0, keepdim=True), 1)
     torch.testing.assert_close(m.bases, expected.detach())
 
@@ -273,7 +274,7 @@ def test_ema_bases_average_over_processes(tmp_path):
     for rank in range(2):
         torch.manual_seed(1 + rank)
         x = torch.randn(3 + rank, 16, 7, 9, dtype=torch.float64)
-        mu, _ = ema_em(_conv1x1(x.flatten(2), dict(m.named_parameters()), 'conv_in'), m.bases, 3)
+        mu, _ = ema_em(_conv1x1(x.flatten(2), m.state_dict(), 'conv_in'), m.bases, 3)
         means.append(mu.mean(0, keepdim=True))
     expected = 0.9 * m.bases + 0.1 * _unit((means[0] + means[1]) / 2, 1)
     torch.testing.assert_close(got[0], expected.detach())

@@ -93,3 +93,21 @@ def test_scripted_empty_rows_use_the_module_constants() -> None:
     for out, lse in (attention_lse(q, k, v, mask, 0.5), fn(q, k, v, mask, 0.5)):
         assert lse[0, 1, 3].item() == EMPTY_LSE and lse[0, 0].gt(MASKED / 2).all()
         assert out[0, 1, 3].abs().max().item() == 0.
+
+
+def test_scripted_bigbird_sparse_blocks_match_eager() -> None:
+    """Small blocks, so that the scripted window, global and random pieces all run (the registry test's default
+    blocks of 64 make every block global at N = 23), with padded keys and a last block that sees none."""
+    torch.manual_seed(0)
+    mixer = visattn.create_mixer('bigbird', DIM, num_heads=HEADS, block_size=4, num_random_blocks=2, seed=3).eval()
+    scripted = _script(mixer)
+    x = torch.randn(2, N, DIM)
+    kpm = torch.rand(2, N) > 0.3
+    kpm[:, :4] = True
+    kpm[1, 8:] = False
+    key_blocks, valid, glob = scripted.block_layout(6)
+    for got, want in zip((key_blocks, valid, glob), mixer.block_layout(6)):
+        assert torch.equal(got, want)
+    with torch.no_grad():
+        for call in ({}, dict(attn_mask=kpm)):
+            torch.testing.assert_close(scripted(x, **call), mixer(x, **call), rtol=0, atol=1e-6)

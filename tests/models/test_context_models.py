@@ -31,7 +31,7 @@ def _pam(c):  # query, key to C/8, value to C, α
     ('resnet50_efficient', 2 * _efficient(512) + 3 * _efficient(1024)),
     ('resnet50_cc', _pam(2048)),  # criss-cross has the widths of the position branch: q, k at C/8, v at C, γ
     ('resnet50_da', _pam(2048) + 1),  # + β of the channel branch
-    ('resnet50_ema', _conv(2048, 2048) + _conv(2048, 2048, bias=False) + 2 * 2048),
+    ('resnet50_ema', _conv(2048, 2048, bias=False) + 2 * 2048),  # its conv_in is never trained: buffers
     ('resnet50_external', _conv(2048, 2048) + 2 * 64 * 2048 + _conv(2048, 2048, bias=False) + 2 * 2048),
 ])
 def test_parameter_counts(name, extra):

@@ -11,9 +11,10 @@ and is added to the input before a final ReLU: ``y = ReLU(x + BN(W ReLU(μ Zᵀ)
 The initial bases are a buffer, not a parameter: in training they follow the batch-mean of the final bases by a
 moving average, ``μ⁰ ← 0.9 μ⁰ + 0.1 normalise(mean_b μ^(T))``; under ``torch.distributed`` the mean runs over the
 batches of every process (as mmsegmentation's EMA head), so the ranks' bases stay equal. As the released code
-does, the EM iterations run without gradient (``em_grad=False``), so the first 1×1 conv receives none: it is
-frozen (``requires_grad=False``), as mmsegmentation's EMA head freezes it. ``em_grad=True`` back-propagates
-through the iterations and trains it.
+does, the EM iterations run without gradient (``em_grad=False``), so the first 1×1 conv receives none and is
+never trained (mmsegmentation's EMA head freezes it): its weight and bias are then buffers, not parameters
+(same state-dict keys), so every parameter of the block gets a gradient. ``em_grad=True`` back-propagates
+through the iterations and trains it as a parameter.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ class EMAttention(nn.Module):
         self.conv_out = nn.Conv2d(channels, channels, 1, bias=False, **dd)
         self.norm = norm_layer(channels, **dd)
         self.register_buffer('bases', torch.empty(1, channels, num_bases, **dd))
-        self.conv_in.requires_grad_(em_grad)
+        if not em_grad:  # no gradient can reach it: a fixed random projection, held as buffers
+            for name in ('weight', 'bias'):
+                self.conv_in.register_buffer(name, self.conv_in._parameters.pop(name).detach())
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -32,7 +32,6 @@ from ..ops.local1d import local_attention_1d_naive
 from ..registry import register
 from ._base import TokenMixer
 from ._sparse_utils import (
-    MASKED,
     SeededMixin,
     attention_lse,
     hash_uniform,
@@ -251,9 +250,6 @@ class BigBirdAttention(SeededMixin, TokenMixer):
     blocks are drawn from ``seed`` and the number of blocks, so a module is deterministic; `block_layout`
     returns them.
 
-    Not scriptable with TorchScript: its block layout uses a set and a dict cache, and its sparse rows nested
-    functions.
-
     Args:
         dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer: as timm's
             ``Attention`` (see `TokenMixer`).
@@ -301,39 +297,44 @@ class BigBirdAttention(SeededMixin, TokenMixer):
         self.num_global_blocks = check_int('num_global_blocks', num_global_blocks, 0)
         self.num_random_blocks = check_int('num_random_blocks', num_random_blocks, 0)
         self.init_seed(seed)
-        self._layouts: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+        self._layouts = {}  # (seed, num_blocks) -> block_layout, in eager
 
     def block_layout(self, num_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The block pattern for ``num_blocks`` blocks (CPU tensors, cached).
+        """The block pattern for ``num_blocks`` blocks (CPU tensors; cached in eager, rebuilt when scripted).
 
         Returns:
             ``(key_blocks [H, nb, K] long, valid [H, nb, K] bool, global_blocks [G] long)``: the key blocks that
             query block i of head h sees are ``key_blocks[h, i][valid[h, i]]`` (no block twice); the global
             blocks see every block.
         """
-        key = (self.seed, num_blocks)  # the seed may change when a state dict is loaded
-        if key in self._layouts:
+        if torch.jit.is_scripting():
+            return self._build_layout(num_blocks)
+        else:
+            key = (self.seed, num_blocks)  # the seed may change when a state dict is loaded
+            if key not in self._layouts:
+                self._layouts[key] = self._build_layout(num_blocks)
             return self._layouts[key]
+
+    def _build_layout(self, num_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
         H, nb, half = self.num_heads, num_blocks, self.num_window_blocks // 2
-        first = math.ceil(self.num_global_blocks / 2)
-        glob = sorted({*range(min(first, nb)), *range(max(0, nb - self.num_global_blocks + first), nb)})
-        glob_t = torch.tensor(glob, dtype=torch.long)
-        is_glob = torch.zeros(nb, dtype=torch.bool).index_fill(0, glob_t, True)
-        i = torch.arange(nb)[:, None]
+        lo, hi = _global_bounds(self.num_global_blocks, nb)
+        glob = torch.cat([torch.arange(lo), torch.arange(hi, nb)])  # the first lo and the last nb - hi blocks
+        blocks = torch.arange(nb)
+        is_glob = (blocks < lo) | (blocks >= hi)
+        i = blocks[:, None]
         win = i + torch.arange(-half, half + 1)[None, :]  # [nb, w]
         win_ok = (win >= 0) & (win < nb)
         win = win.clamp(0, nb - 1)
         win_ok &= ~is_glob[win]
-        near = ((torch.arange(nb)[None, :] - i).abs() <= half) | is_glob[None, :]  # [nb, nb]: window or global
+        near = ((blocks[None, :] - i).abs() <= half) | is_glob[None, :]  # [nb, nb]: window or global
         r = min(self.num_random_blocks, nb)
         scores = hash_uniform(self.seed, [H, nb, nb], stream=nb).masked_fill(near, -1.)
-        top = scores.topk(r, dim=-1)
-        rnd, rnd_ok = top.indices, top.values >= 0
-        g = glob_t.expand(nb, -1)
+        top_values, rnd = scores.topk(r, dim=-1)
+        g = glob.expand(nb, -1)
         key_blocks = torch.cat([win.expand(H, -1, -1), g.expand(H, -1, -1), rnd], dim=-1)
-        valid = torch.cat([win_ok.expand(H, -1, -1), torch.ones(H, nb, len(glob), dtype=torch.bool), rnd_ok], -1)
-        self._layouts[key] = (key_blocks, valid, glob_t)
-        return self._layouts[key]
+        valid = torch.cat([win_ok.expand(H, -1, -1), torch.ones(H, nb, glob.shape[0], dtype=torch.bool),
+                           top_values >= 0], dim=-1)
+        return key_blocks, valid, glob
 
     def attend(
             self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
@@ -343,26 +344,26 @@ class BigBirdAttention(SeededMixin, TokenMixer):
         nb = -(-N // b)
         key_blocks, valid, glob = self.block_layout(nb)
         # the global blocks are the first ``lo`` and the last ``nb - hi`` blocks: blocks lo..hi-1 are the others
-        lo = min(math.ceil(self.num_global_blocks / 2), nb)
-        hi = max(lo, nb - self.num_global_blocks + lo)
+        lo, hi = _global_bounds(self.num_global_blocks, nb)
         dropout_p = self.attn_drop.p if self.training else 0.
         key_mask = None if key_padding_mask is None else key_mask_of(key_padding_mask, q)  # [B, 1, N]
         # the rows of the global blocks, cut at N: static lengths (no boolean indexing)
         rows = torch.cat([torch.arange(min(lo * b, N), device=q.device),
                           torch.arange(min(hi * b, N), N, device=q.device)])
-        full = q.new_zeros(*q.shape[:2], 0, q.shape[-1])
-        if len(rows):  # the global blocks see every token
+        full = q.new_zeros([q.shape[0], q.shape[1], 0, q.shape[3]])
+        if rows.numel() > 0:  # the global blocks see every token
             full = attention_lse(q[:, :, rows], k, v, None if key_mask is None else key_mask.unsqueeze(-2),
                                  scale=self.scale, dropout_p=dropout_p)[0]
         if hi == lo:
             return full
-        start = self.num_window_blocks + len(glob)  # the random blocks follow the window and global ones
+        start = self.num_window_blocks + glob.shape[0]  # the random blocks follow the window and global ones
         rnd, rnd_ok = key_blocks[:, lo:hi, start:].to(q.device), valid[:, lo:hi, start:].to(q.device)
         # one head at a time: the score pieces of a head are small enough to stay in cache between passes
-        mid = torch.cat([
-            self._sparse_rows(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], key_mask, lo, hi, rows, rnd[h:h + 1],
-                              rnd_ok[h:h + 1], dropout_p)
-            for h in range(q.shape[1])], dim=1)
+        heads: list[Tensor] = []
+        for h in range(q.shape[1]):
+            heads.append(self._sparse_rows(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], key_mask, lo, hi, rows,
+                                           rnd[h:h + 1], rnd_ok[h:h + 1], dropout_p))
+        mid = torch.cat(heads, dim=1)
         return torch.cat([full[:, :, :lo * b], mid, full[:, :, lo * b:]], dim=2)[:, :, :N]
 
     def _sparse_rows(
@@ -378,50 +379,55 @@ class BigBirdAttention(SeededMixin, TokenMixer):
         Returns:
             [B, H, (hi - lo)·b, D].
         """
+        masked = -1e30  # MASKED
         B, H, N, D = q.shape
         b, half, m = self.block_size, self.num_window_blocks // 2, hi - lo
         nb = -(-N // b)
-        q, k, v = (pad_to_multiple(t, b, -2).unflatten(-2, (nb, b)) for t in (q, k, v))  # [B, H, nb, b, D]
+        q = pad_to_multiple(q, b, -2).unflatten(-2, (nb, b))  # [B, H, nb, b, D]
+        k = pad_to_multiple(k, b, -2).unflatten(-2, (nb, b))
+        v = pad_to_multiple(v, b, -2).unflatten(-2, (nb, b))
         qm = (q[:, :, lo:hi] * self.scale).contiguous()
         dtype = torch.promote_types(q.dtype, torch.float32)
-        key_ok = None  # [B, 1, nb, b], only when some key of the pieces is padding
+        key_ok: Tensor | None = None  # [B, 1, nb, b], only when some key of the pieces is padding
         if key_mask is not None or nb * b != N:
-            key_mask = key_mask if key_mask is not None else torch.ones(1, 1, N, dtype=torch.bool, device=q.device)
+            if key_mask is None:
+                key_mask = torch.ones(1, 1, N, dtype=torch.bool, device=q.device)
             key_ok = pad_to_multiple(key_mask, b, -1, False).unflatten(-1, (nb, b))
 
-        def scores(queries: Tensor, keys: Tensor) -> Tensor:
-            return torch.matmul(queries, keys.transpose(-1, -2)).to(dtype)
-
-        parts = []  # (scores [B, H, m, b, n], values [B, H, m, n, D] or [B, H, n, D])
+        parts: list[tuple[Tensor, Tensor]] = []  # (scores [B, H, m, b, n], values [B, H, m, n, D] or [B, H, n, D])
         # window: key block lo + j + d for query block j, when it is not global (inside lo .. hi - 1)
-        kw, vw = (F.pad(t[:, :, lo:hi], (0, 0, 0, 0, half, half)) for t in (k, v))  # [B, H, m + 2·half, b, D]
-        ok_w = None if key_ok is None else F.pad(key_ok[:, :, lo:hi], (0, 0, half, half), value=False)
+        kw = F.pad(k[:, :, lo:hi], (0, 0, 0, 0, half, half))  # [B, H, m + 2·half, b, D]
+        vw = F.pad(v[:, :, lo:hi], (0, 0, 0, 0, half, half))
+        ok_w: Tensor | None = None
+        if key_ok is not None:
+            ok_w = F.pad(key_ok[:, :, lo:hi], (0, 0, half, half), value=False)
         for d in range(-half, half + 1):
-            s = scores(qm, kw[:, :, half + d:half + d + m])
-            s[:, :, :max(0, -d)] = MASKED
-            s[:, :, max(0, m - d):] = MASKED
+            s = _scores(qm, kw[:, :, half + d:half + d + m], dtype)
+            s[:, :, :max(0, -d)] = masked
+            s[:, :, max(0, m - d):] = masked
             if ok_w is not None:
-                s.masked_fill_(~ok_w[:, :, half + d:half + d + m, None, :], MASKED)
+                s.masked_fill_(~ok_w[:, :, half + d:half + d + m, None, :], masked)
             parts.append((s, vw[:, :, half + d:half + d + m]))
-        if len(cols):  # global tokens, seen by every query
-            s = scores(qm.flatten(2, 3), k.flatten(2, 3)[:, :, cols]).unflatten(2, (m, b))
+        if cols.numel() > 0:  # global tokens, seen by every query
+            s = _scores(qm.flatten(2, 3), k.flatten(2, 3)[:, :, cols], dtype).unflatten(2, (m, b))
             if key_ok is not None:
-                s.masked_fill_(~key_ok.flatten(2, 3)[:, :, cols][:, :, None, None], MASKED)
+                s.masked_fill_(~key_ok.flatten(2, 3)[:, :, cols][:, :, None, None], masked)
             parts.append((s, v.flatten(2, 3)[:, :, cols]))
-        if rnd.shape[-1]:  # random blocks, gathered per head: [B, H, m, r·b, D]
+        r = rnd.shape[-1]
+        if r > 0:  # random blocks, gathered per head: [B, H, m, r·b, D]
             idx = (torch.arange(H, device=q.device)[:, None, None] * nb + rnd).flatten()
-
-            def gather(t: Tensor) -> Tensor:
-                return t.contiguous().flatten(1, 2).index_select(1, idx).view(B, H, m, rnd.shape[-1] * b, D)
-
-            vr = gather(v)
-            s = scores(qm, gather(k))
-            s.unflatten(-1, (rnd.shape[-1], b)).masked_fill_(~rnd_ok[:, :, None, :, None], MASKED)
+            vr = _gather_blocks(v, idx).view(B, H, m, r * b, D)
+            s = _scores(qm, _gather_blocks(k, idx).view(B, H, m, r * b, D), dtype)
+            s.unflatten(-1, (r, b)).masked_fill_(~rnd_ok[:, :, None, :, None], masked)
             if key_ok is not None:
-                s.masked_fill_(~key_ok[:, 0][:, rnd].flatten(-2).unsqueeze(-2), MASKED)
+                s.masked_fill_(~key_ok[:, 0][:, rnd].flatten(-2).unsqueeze(-2), masked)
             parts.append((s, vr))
-        top = torch.stack([s.amax(-1) for s, _ in parts]).amax(0).unsqueeze(-1).detach()  # [B, H, m, b, 1]
-        out, denom = 0, 0
+        maxima: list[Tensor] = []
+        for s, _ in parts:
+            maxima.append(s.amax(-1))
+        top = torch.stack(maxima).amax(0).unsqueeze(-1).detach()  # [B, H, m, b, 1]
+        out = qm.new_zeros([B, H, m, b, D], dtype=dtype)
+        denom = top.new_zeros(top.shape)
         for s, val in parts:
             p = s.sub_(top).exp_()  # masked pairs: exp(MASKED - top) = 0 unless the whole row is masked
             denom = denom + p.sum(-1, keepdim=True)
@@ -431,8 +437,24 @@ class BigBirdAttention(SeededMixin, TokenMixer):
             out = out + prod.view(B, H, m, b, D)
         out = out / denom
         if key_ok is not None:  # a row that sees no key outputs zeros
-            out = out.masked_fill(top <= MASKED / 2, 0.)
+            out = out.masked_fill(top <= masked / 2, 0.)
         return out.to(v.dtype).flatten(2, 3)
+
+
+def _global_bounds(num_global_blocks: int, num_blocks: int) -> tuple[int, int]:
+    """BigBird's global blocks are blocks ``0 .. lo - 1`` and ``hi .. nb - 1`` (the first ``ceil(g/2)`` and the last
+    ``floor(g/2)``, cut at ``nb``): the others are ``lo .. hi - 1``."""
+    lo = min((num_global_blocks + 1) // 2, num_blocks)
+    return lo, max(lo, num_blocks - num_global_blocks + lo)
+
+
+def _scores(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.matmul(queries, keys.transpose(-1, -2)).to(dtype)
+
+
+def _gather_blocks(t: Tensor, idx: Tensor) -> Tensor:
+    """Blocks ``idx`` of ``t: [B, H, nb, b, D]``, numbered ``h·nb + i``: [B, len(idx), b, D]."""
+    return t.contiguous().flatten(1, 2).index_select(1, idx)
 
 
 class _SparseTransformerBase(TokenMixer):

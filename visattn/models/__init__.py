@@ -12,5 +12,4 @@ __all__ = [
 
 # timm model-name patterns that TorchScript cannot compile, each with the reason (timm's EXCLUDE_JIT_FILTERS).
 NOT_SCRIPTABLE: dict[str, str] = {
-    'vit_small_patch16_224_bigbird': 'its block layout uses a set and a dict cache; its sparse rows nested functions',
 }
