@@ -8,6 +8,8 @@ gradients must equal eager ones within 1e-5. The default run covers one entry of
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -16,13 +18,11 @@ import torch
 import visattn
 from visattn.registry import _ENTRIES
 
+sys.path.insert(0, str(Path(__file__).parent / 'layers'))
+from _block_args import SMALL  # noqa: E402
+
 C, HW = 16, (5, 7)
 DIM, HEADS, N = 32, 4, 24
-SMALL_BLOCKS = {
-    'axial': dict(num_heads=2), 'ema': dict(num_bases=4), 'external': dict(num_slots=4), 'mixer': dict(num_heads=2),
-    'halo': dict(num_heads=2, block_size=4, halo_size=1), 'sasa': dict(num_heads=2, kernel_size=3),
-    'sk': dict(groups=2),
-}
 MODEL_SAMPLE = ['resnet18_cbam', 'resnet18_se', 'sasa_resnet26', 'vit_small_patch16_224_linear']
 
 
@@ -40,7 +40,7 @@ def _params(kind: str) -> list:
 
 
 def _block(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
-    return visattn.create_attn(name, C, **SMALL_BLOCKS.get(name, {})), torch.randn(2, C, *HW)
+    return visattn.create_attn(name, C, **SMALL.get(name, {})), torch.randn(2, C, *HW)
 
 
 def _mixer(name: str) -> tuple[torch.nn.Module, torch.Tensor]:

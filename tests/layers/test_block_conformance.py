@@ -14,22 +14,13 @@ import torch
 import visattn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _block_args import SMALL  # noqa: E402
 from _random_params import randomize  # noqa: E402
 
 C = 8
 HW = (5, 7)
 BLOCKS = visattn.list_attn()
 
-# constructor arguments that fit each block to 8 channels and tiny maps (the defaults need wide ones)
-SMALL = {
-    'axial': dict(num_heads=2),
-    'ema': dict(num_bases=4),
-    'external': dict(num_slots=4),
-    'halo': dict(num_heads=2, block_size=4, halo_size=1),
-    'mixer': dict(num_heads=2),
-    'sasa': dict(num_heads=2, kernel_size=3),
-    'sk': dict(groups=2, min_rd_channels=4),
-}
 # values below 1 that an argument legitimately takes (each is checked to build and run)
 ALLOWED = {
     ('bam', 'num_dilated_convs'): (0,),  # the spatial branch without dilated convolutions

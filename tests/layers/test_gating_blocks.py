@@ -21,7 +21,10 @@ from visattn.layers import eca_kernel_size
 sys.path.insert(0, str(Path(__file__).parent))
 from _random_params import randomize  # noqa: E402
 
-GATING = ['se', 'eca', 'cbam', 'bam', 'sk', 'gc']
+# every registered channel or spatial block (a new one joins the contract tests below by being registered), and GC
+GATING = visattn.list_attn(family='channel') + visattn.list_attn(family='spatial') + ['gc']
+# blocks whose batch norm runs over pooled [B, C, 1, 1] vectors: training needs a batch of two or more
+POOLED_BATCH_NORM = {'bam', 'sk'}
 
 
 def _randomize(module: torch.nn.Module) -> torch.nn.Module:
@@ -242,7 +245,7 @@ def test_batch_one(name):
         y2 = m(torch.cat([x, torch.randn_like(x)]))[:1]
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)  # in eval mode each image is independent
     m.train()
-    if name in ('bam', 'sk'):  # their batch norm over [B, C, 1, 1] vectors needs two images to train
+    if name in POOLED_BATCH_NORM:  # their batch norm over [B, C, 1, 1] vectors needs two images to train
         with pytest.raises(ValueError, match='batch of at least 2'):
             m(x)
     else:
@@ -304,7 +307,7 @@ def test_gc_starts_as_identity():
 @pytest.mark.parametrize('name', GATING)
 def test_as_timm_attn_layer(name):
     model = timm.create_model('resnet18', num_classes=3, block_args=dict(attn_layer=visattn.get_attn(name)))
-    assert sum(isinstance(m, visattn.get_attn(name)) for m in model.modules()) == 8
+    assert sum(type(m) is visattn.get_attn(name) for m in model.modules()) == 8
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 

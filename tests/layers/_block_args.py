@@ -1,0 +1,12 @@
+"""Constructor arguments that fit each registered block to 8 channels and tiny maps (the defaults need wide ones),
+shared by the registry-driven tests: a block that needs none is absent."""
+
+SMALL = {
+    'axial': dict(num_heads=2),
+    'ema': dict(num_bases=4),
+    'external': dict(num_slots=4),
+    'halo': dict(num_heads=2, block_size=4, halo_size=1),
+    'mixer': dict(num_heads=2),
+    'sasa': dict(num_heads=2, kernel_size=3),
+    'sk': dict(groups=2, min_rd_channels=4),
+}
