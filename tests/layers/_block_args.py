@@ -3,10 +3,13 @@ shared by the registry-driven tests: a block that needs none is absent."""
 
 SMALL = {
     'axial': dict(num_heads=2),
+    'ela': dict(norm_groups=4),
     'ema': dict(num_bases=4),
     'external': dict(num_slots=4),
     'halo': dict(num_heads=2, block_size=4, halo_size=1),
     'mixer': dict(num_heads=2),
+    'psa': dict(groups=(1, 1, 2, 2)),
     'sasa': dict(num_heads=2, kernel_size=3),
+    'sge': dict(groups=4),
     'sk': dict(groups=2, min_rd_channels=4),
 }

@@ -25,7 +25,9 @@ BLOCKS = visattn.list_attn()
 ALLOWED = {
     ('bam', 'num_dilated_convs'): (0,),  # the spatial branch without dilated convolutions
     ('eca', 'beta'): (0, -1),  # the offset b of the adaptive kernel size is any real number
+    ('ecam', 'beta'): (0, -1), ('ceca', 'beta'): (0, -1),  # ECA's variants: the same kernel size
     ('ema', 'momentum'): (0.,),  # the bases follow the batch without memory
+    ('ge', 'extent'): (0,),  # the global gather
     ('halo', 'halo_size'): (0,),  # blocks without a halo
     ('sk', 'min_rd_channels'): (0,),  # no floor on the fuse layer's width
 }

@@ -24,7 +24,7 @@ from _random_params import randomize  # noqa: E402
 # every registered channel or spatial block (a new one joins the contract tests below by being registered), and GC
 GATING = visattn.list_attn(family='channel') + visattn.list_attn(family='spatial') + ['gc']
 # blocks whose batch norm runs over pooled [B, C, 1, 1] vectors: training needs a batch of two or more
-POOLED_BATCH_NORM = {'bam', 'sk'}
+POOLED_BATCH_NORM = {'bam', 'sk', 'splat'}
 
 
 def _randomize(module: torch.nn.Module) -> torch.nn.Module:

@@ -1,25 +1,45 @@
 """2-D attention blocks: NCHW in, NCHW out; one mechanism per file, each registered on import."""
 
+from .a2 import DoubleAttention
 from .axial import AxialAttn, AxialAttnLayer
 from .bam import BottleneckAttnModule
-from .cbam import Cbam, ChannelGate, SpatialGate
+from .cbam import Cbam, ChannelGate, LightCbam, LightChannelGate, LightSpatialGate, SpatialGate
 from .cc import CrissCrossAttention
+from .coord import CoordAttn, SimpleCoordAttn
+from .csra import CSRAHead, with_csra_head
 from .da import DAChannelAttention, DAPositionAttention, DualAttention
-from .eca import EfficientChannelAttn, eca_kernel_size
+from .eca import CircularEfficientChannelAttn, EfficientChannelAttn, EfficientChannelAttnMlp, eca_kernel_size
 from .efficient import EfficientAttention
+from .ela import EfficientLocalAttn
 from .ema import EMAttention
+from .ese import EffectiveSqueezeExcite
 from .external import ExternalAttention
 from .gc import GlobalContext
+from .ge import GatherExcite
 from .halo import HaloAttn
 from .mixer2d import MixerAttn2d, sincos_2d
 from .nl import NonLocal
+from .parnet import SkipSqueezeExcite
+from .polarized import PolarizedSelfAttn
+from .psa import PyramidSplitAttn
 from .sasa import SasaStem, SelfAttn2d
 from .se import SqueezeExcite
+from .sge import SpatialGroupEnhance
+from .shuffle import ShuffleAttn
+from .simam import SimAM
 from .sk import SelectiveKernel
+from .splat import SplitAttn
+from .strip import StripAttn
+from .triplet import TripletAttn
 
 __all__ = [
     'AxialAttn', 'AxialAttnLayer', 'BottleneckAttnModule', 'Cbam', 'ChannelGate', 'CrissCrossAttention',
     'DAChannelAttention', 'DAPositionAttention', 'DualAttention', 'eca_kernel_size', 'EfficientAttention',
     'EfficientChannelAttn', 'EMAttention', 'ExternalAttention', 'GlobalContext', 'HaloAttn', 'MixerAttn2d',
     'NonLocal', 'SasaStem', 'SelectiveKernel', 'SelfAttn2d', 'sincos_2d', 'SpatialGate', 'SqueezeExcite',
+    'CSRAHead', 'DoubleAttention', 'PolarizedSelfAttn', 'SkipSqueezeExcite', 'with_csra_head',
+    'CoordAttn', 'EfficientLocalAttn', 'SimpleCoordAttn', 'SplitAttn', 'StripAttn',
+    'CircularEfficientChannelAttn', 'EffectiveSqueezeExcite', 'EfficientChannelAttnMlp', 'GatherExcite', 'LightCbam',
+    'LightChannelGate', 'LightSpatialGate',
+    'PyramidSplitAttn', 'ShuffleAttn', 'SimAM', 'SpatialGroupEnhance', 'TripletAttn',
 ]
