@@ -83,3 +83,19 @@ def test_readme_tables_are_generated_from_the_registry():
     assert start in readme and end in readme, 'README lacks the generated registry tables'
     table = readme.split(start)[1].split(end)[0].strip()
     assert table == cli.markdown_tables().strip(), 'README tables are stale: run `visattn list --markdown`'
+
+
+def test_every_entry_links_its_paper():
+    """An arXiv id of the form yymm.nnnnn, or (a paper without one) a published address."""
+    import re
+
+    for kind, names in (('attn', visattn.list_attn()), ('mixer', visattn.list_mixers())):
+        for name in names:
+            i = visattn.info(f'{kind}:{name}')
+            assert re.fullmatch(r'\d{4}\.\d{4,5}', i.arxiv) or (not i.arxiv and i.paper_url.startswith('https://'))
+            assert i.url.startswith('https://') and i.url.rstrip('/').split('/')[-1], name
+    for name in visattn.list_attn():  # a registered subclass of a registered block carries its own entry
+        own = visattn.get_attn(name).attn_info
+        assert visattn.get_attn(own.name) is visattn.get_attn(name), name
+    with pytest.raises(ValueError, match='paper_url'):
+        visattn.register('x_nowhere', paper='p', arxiv='', year=2020, family='channel', complexity='O(N)')

@@ -25,7 +25,7 @@ def markdown_tables() -> str:
             causal = ', causal' if i.supports_causal else ''
             lines.append(
                 f'| `{name}` | {"2-D block" if kind == "attn" else "token mixer" + causal} | {i.family} | '
-                f'{i.complexity} | {i.paper} | [{i.arxiv}]({i.url}) | {i.year} | {", ".join(i.backends)} |')
+                f'{i.complexity} | {i.paper} | [{i.arxiv or "paper"}]({i.url}) | {i.year} | {", ".join(i.backends)} |')
     lines += ['', '| timm model | parameters |', '|---|---:|']
     lines += [f'| `{name}` | {_model_params(name):,} |' for name in registry.list_models()]
     return '\n'.join(lines)
@@ -34,7 +34,8 @@ def markdown_tables() -> str:
 def _format_info(i: registry.AttnInfo) -> str:
     fields = [
         ('name', i.name), ('kind', i.kind), ('class', i.cls_name), ('paper', i.paper),
-        ('arXiv', f'{i.arxiv} ({i.url})'), ('year', i.year), ('family', i.family), ('complexity', i.complexity),
+        ('arXiv', f'{i.arxiv} ({i.url})' if i.arxiv else f'none ({i.url})'), ('year', i.year),
+        ('family', i.family), ('complexity', i.complexity),
         ('backends', ', '.join(i.backends)),
     ]
     if i.kind == 'mixer':

@@ -28,7 +28,7 @@ class AttnInfo:
     Attributes:
         name: registry name, e.g. ``'cbam'``.
         paper: the paper's title.
-        arxiv: arXiv identifier, e.g. ``'1807.06521'``.
+        arxiv: arXiv identifier, e.g. ``'1807.06521'``; ``''`` for a paper without one (then ``paper_url``).
         year: year of the paper.
         family: ``'channel'``, ``'spatial'``, ``'context'``, ``'local'``, ``'linear'``, ...
         complexity: cost in N = H·W (blocks) or N tokens (mixers), e.g. ``'O(N·C)'``.
@@ -37,6 +37,7 @@ class AttnInfo:
         supports_causal: the mixer honours ``is_causal=True``.
         requires_seq_len: the mixer needs ``seq_len=`` at construction.
         cls_name: qualified name of the class.
+        paper_url: where a paper without an arXiv id is published.
     """
 
     name: str
@@ -50,10 +51,11 @@ class AttnInfo:
     supports_causal: bool = False
     requires_seq_len: bool = False
     cls_name: str = field(default='', compare=False)
+    paper_url: str = ''
 
     @property
     def url(self) -> str:
-        return f'https://arxiv.org/abs/{self.arxiv}'
+        return f'https://arxiv.org/abs/{self.arxiv}' if self.arxiv else self.paper_url
 
 
 class UnknownNameError(KeyError, ValueError):
@@ -85,10 +87,13 @@ def register(
         backends: tuple[str, ...] = ('torch',),
         supports_causal: bool = False,
         requires_seq_len: bool = False,
+        paper_url: str = '',
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator that registers a block or mixer under ``name`` and sets ``cls.attn_info``."""
     if kind not in KINDS:
         raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
+    if not (arxiv or paper_url):
+        raise ValueError(f'{name!r}: give the arXiv id or, for a paper without one, paper_url')
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _ENTRIES[kind]:
@@ -96,10 +101,10 @@ def register(
         meta = AttnInfo(
             name=name, paper=paper, arxiv=arxiv, year=year, family=family, complexity=complexity, kind=kind,
             backends=tuple(backends), supports_causal=supports_causal, requires_seq_len=requires_seq_len,
-            cls_name=f'{cls.__module__}.{cls.__qualname__}',
+            cls_name=f'{cls.__module__}.{cls.__qualname__}', paper_url=paper_url,
         )
         _ENTRIES[kind][name] = (cls, meta)
-        if not hasattr(cls, 'attn_info'):
+        if 'attn_info' not in cls.__dict__:  # its own, not a registered base class's
             cls.attn_info = meta
         return cls
 

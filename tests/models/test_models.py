@@ -12,6 +12,9 @@ from safetensors.torch import save_file
 import visattn
 
 MODELS = visattn.list_models()
+# the deepest variants repeat their depth-50 sibling's blocks: run with -m slow
+DEEP = ('resnet101_', 'resnet152_', 'epsanet101', 'sknet101')
+MODEL_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith(DEEP) else n for n in MODELS]
 
 
 def _small_kwargs(name: str) -> dict:
@@ -31,7 +34,7 @@ def test_no_timm_name_is_overwritten(timm_only_models):
     assert set(MODELS) <= set(timm.list_models())
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', MODEL_PARAMS)
 def test_forward_backward_features(name):
     kw = _small_kwargs(name)
     model = timm.create_model(name, num_classes=5, **kw)

@@ -15,26 +15,24 @@ from timm.models._builder import resolve_pretrained_cfg
 from ..registry import register_model_name
 
 
+def paper_id(paper: str) -> str:
+    """``'arXiv:<id>'`` for an arXiv id, else the reference as given (a paper without an arXiv id)."""
+    return f'arXiv:{paper}' if paper[:1].isdigit() else paper
+
+
 def default_cfg(paper_arxiv: str, **kwargs: Any) -> dict[str, Any]:
     """A pretrained_cfg with no weights yet (ImageNet-1k defaults, 224², classifier ``fc``)."""
     return {
         'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'conv1', 'classifier': 'fc', 'paper_ids': f'arXiv:{paper_arxiv}', 'license': 'apache-2.0',
+        'first_conv': 'conv1', 'classifier': 'fc', 'paper_ids': paper_id(paper_arxiv), 'license': 'apache-2.0',
         **kwargs,
     }
 
 
-def build_checked(
-        model_cls: Callable[..., Any],
-        variant: str,
-        pretrained: bool = False,
-        **kwargs: Any,
-) -> Any:
-    """timm's ``build_model_with_cfg``, but ``pretrained=True`` without a weight source is an error.
-
-    timm would only log a warning and return random weights; here that raises, naming the ways to give weights.
-    """
+def check_pretrained_source(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
+    """``pretrained=True`` without a weight source is an error (timm would only log a warning and return random
+    weights); it names the ways to give weights."""
     if pretrained:
         cfg = resolve_pretrained_cfg(
             variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
@@ -44,6 +42,16 @@ def build_checked(
                 f"No pretrained weights are published for '{variant}' yet. Create it with pretrained=False, or "
                 "load your own file: timm.create_model(name, pretrained=True, "
                 "pretrained_cfg_overlay=dict(file='weights.safetensors')).")
+
+
+def build_checked(
+        model_cls: Callable[..., Any],
+        variant: str,
+        pretrained: bool = False,
+        **kwargs: Any,
+) -> Any:
+    """timm's ``build_model_with_cfg``, but ``pretrained=True`` without a weight source is an error."""
+    check_pretrained_source(variant, pretrained, kwargs)
     return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
 
 

@@ -8,6 +8,9 @@
 - ``resnet50_efficient``: efficient attention modules in the same five places as the non-local blocks, since the
   paper presents the module as a drop-in replacement of the non-local block in the same ResNet-50 backbones
   ("Efficient Attention", arXiv:1812.01243).
+- ``resnet50_a2``: five double attention blocks in the same five places, each with ``c_m = c_n = C/2``: the
+  A²-Net ResNet-50 of "A²-Nets: Double Attention Networks" (arXiv:1810.11579), which compares its blocks with
+  non-local ones in the same backbone; this placement and width give 32.91M parameters, the paper's 33.0M.
 - ``resnet50_cc``, ``resnet50_da``, ``resnet50_ema``, ``resnet50_external``: the segmentation-born blocks (CCNet
   arXiv:1811.11721, DANet arXiv:1809.02983, EMANet arXiv:1907.13426, external attention arXiv:2105.02358) after the
   last stage, before pooling, at the full width of ``layer4`` (2048 channels): where their heads read the backbone.
@@ -26,6 +29,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs
 from timm.models.resnet import Bottleneck
 
+from ..layers.a2 import DoubleAttention
 from ..layers.cc import CrissCrossAttention
 from ..layers.da import DualAttention
 from ..layers.efficient import EfficientAttention
@@ -78,11 +82,19 @@ class ContextResNet(AttnResNet):
 
 _EVERY_OTHER_RES3_RES4 = {2: (1, 3), 3: (1, 3, 5)}
 
+
+def double_attention_half(channels: int, **kwargs: Any) -> DoubleAttention:
+    """The A²-Net ResNet-50's double attention block: ``c_m = c_n = C/2``."""
+    return DoubleAttention(channels, c_m=channels // 2, c_n=channels // 2, **kwargs)
+
+
 # name -> (ContextResNet arguments, arXiv id)
 _MODELS: dict[str, tuple[dict[str, Any], str]] = {
     'resnet50_nl': (dict(inner_attn_layer=NonLocal, inner_attn_after=_EVERY_OTHER_RES3_RES4), '1711.07971'),
     'resnet50_efficient': (
         dict(inner_attn_layer=EfficientAttention, inner_attn_after=_EVERY_OTHER_RES3_RES4), '1812.01243'),
+    'resnet50_a2': (
+        dict(inner_attn_layer=double_attention_half, inner_attn_after=_EVERY_OTHER_RES3_RES4), '1810.11579'),
     'resnet50_cc': (dict(stage_attn_layer=CrissCrossAttention, stage_attn_after=(4,)), '1811.11721'),
     'resnet50_da': (dict(stage_attn_layer=DualAttention, stage_attn_after=(4,)), '1809.02983'),
     'resnet50_ema': (dict(stage_attn_layer=EMAttention, stage_attn_after=(4,)), '1907.13426'),
