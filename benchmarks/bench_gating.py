@@ -1,4 +1,5 @@
-"""CPU speed of the gating blocks against timm's counterparts, and of resnet50_cbam against resnet50.
+"""CPU speed of the gating blocks against timm's counterparts (same function, checked first), and of resnet50_cbam
+against resnet50.
 
     python benchmarks/bench_gating.py            # [8, 256, 56, 56] blocks, batch-8 224² models
     python benchmarks/bench_gating.py --quick    # small shapes, a smoke run
@@ -9,8 +10,9 @@ machine hit both sides alike, and each table is measured in several fresh proces
 the speed of the same code varies from process to process (memory placement, neighbours) by more than the
 differences measured here, so one process proves little. Per process, the ratio of the medians and the ratio of
 the minimums (the repeat least disturbed); the table gives the median of each over the processes, with their
-range. Targets (issue 2): forward + backward of each block at most 1.0× timm's time; resnet50_cbam inference at
-most 1.10× plain resnet50.
+range. Targets: forward (inference) and forward + backward of each block at most 1.0× timm's time; resnet50_cbam
+inference at most 1.10× plain resnet50. timm 1.0.31's ``GatherExcite`` cannot build its parametric forms (a
+``*dd`` bug in its constructor), so ``ge`` is timed in its parameter-free form θ⁻, which builds.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from collections.abc import Callable
 
 import timm
 import torch
-from timm.layers.cbam import CbamModule
-from timm.layers.eca import EcaModule
+from timm.layers.cbam import CbamModule, LightCbamModule
+from timm.layers.coord_attn import CoordAttn, EfficientLocalAttn, SimpleCoordAttn, StripAttn
+from timm.layers.eca import CecaModule, EcaModule
+from timm.layers.gather_excite import GatherExcite
 from timm.layers.global_context import GlobalContext
 from timm.layers.selective_kernel import SelectiveKernel
-from timm.layers.squeeze_excite import SEModule
+from timm.layers.split_attn import SplitAttn
+from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
 
 import visattn
 
@@ -63,22 +68,55 @@ def interleaved_times(fns: list[Callable[[], None]], repeats: int, warmup: int =
     return [(statistics.median(t), min(t)) for t in times]
 
 
-def blocks_once(quick: bool, repeats: int) -> dict[str, list[tuple[float, float]]]:
-    """Forward + backward of each gating block and timm's module: name -> [(median, min) ours, theirs]."""
-    shape = (2, 64, 28, 28) if quick else (8, 256, 56, 56)
-    c = shape[1]
+def block_pairs(c: int) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
+    """name -> (ours, timm's) computing the same function at ``c`` channels (weights copied where they differ)."""
+    coord = CoordAttn(c)
     pairs = {
         'se': (visattn.create_attn('se', c), SEModule(c, rd_ratio=1 / 16, rd_divisor=1)),
         'eca': (visattn.create_attn('eca', c), EcaModule(c)),
-        'cbam': (visattn.create_attn('cbam', c), CbamModule(c, rd_ratio=1 / 16)),
+        'cbam': (visattn.create_attn('cbam', c, mlp_bias=False), CbamModule(c, rd_ratio=1 / 16)),
         'gc': (visattn.create_attn('gc', c), GlobalContext(c, fuse_add=True, fuse_scale=False, rd_ratio=1 / 16)),
         'sk': (visattn.create_attn('sk', c), SelectiveKernel(c, c, kernel_size=[3, 5], groups=32, rd_channels=32,
                                                              split_input=False)),
+        'ese': (visattn.create_attn('ese', c), EffectiveSEModule(c)),
+        'ecam': (visattn.create_attn('ecam', c), EcaModule(c, use_mlp=True)),
+        'ceca': (visattn.create_attn('ceca', c), CecaModule(c)),
+        'ge': (visattn.create_attn('ge', c, extent=8), GatherExcite(c, extent=8, use_mlp=False)),
+        'lcbam': (visattn.create_attn('lcbam', c, mlp_bias=False), LightCbamModule(c)),
+        'coord': (visattn.create_attn('coord', c, rd_channels=coord.conv1.out_channels, bias=False), coord),
+        'scoord': (visattn.create_attn('scoord', c), SimpleCoordAttn(c)),
+        'ela': (visattn.create_attn('ela', c, shared=False, groups=c, norm_groups=1, act_layer=torch.nn.SiLU),
+                EfficientLocalAttn(c)),
+        'strip': (visattn.create_attn('strip', c, groups=c, norm_layer=None, fuse=False), StripAttn(c)),
+        'splat': (visattn.create_attn('splat', c), SplitAttn(c, norm_layer=torch.nn.BatchNorm2d)),
     }
-    out = {}
     for name, (ours, theirs) in pairs.items():
-        x = torch.randn(*shape, requires_grad=True)
-        out[name] = interleaved_times([_fwd_bwd(ours, x), _fwd_bwd(theirs, x)], repeats)
+        if name != 'sk':  # SK's layout differs (its equality is checked in the tests)
+            ours.load_state_dict(theirs.state_dict())
+    return pairs
+
+
+def _same_function(ours: torch.nn.Module, theirs: torch.nn.Module, c: int) -> None:
+    x = torch.randn(2, c, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def blocks_once(quick: bool, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """Forward (inference) and forward + backward (training mode) of each gating block and timm's module:
+    '<name> fwd' / '<name> fwd+bwd' -> [(median, min) ours, theirs]."""
+    shape = (2, 64, 28, 28) if quick else (8, 256, 56, 56)
+    c = shape[1]
+    out = {}
+    for name, (ours, theirs) in block_pairs(c).items():
+        if name != 'sk':
+            _same_function(ours, theirs, c)
+        x = torch.randn(*shape)
+        ours.eval(), theirs.eval()
+        out[f'{name} fwd'] = interleaved_times([_infer(ours, x), _infer(theirs, x)], repeats)
+        ours.train(), theirs.train()
+        x.requires_grad_()
+        out[f'{name} fwd+bwd'] = interleaved_times([_fwd_bwd(ours, x), _fwd_bwd(theirs, x)], repeats)
     return out
 
 
@@ -103,7 +141,7 @@ def table(name: str, args: argparse.Namespace, repeats: int) -> None:
         runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
     if name == 'blocks':
         shape = [2, 64, 28, 28] if args.quick else [8, 256, 56, 56]
-        print(f'\nforward + backward at {shape} (fp32, CPU)')
+        print(f'\nforward (inference) and forward + backward (training) at {shape} (fp32, CPU)')
         print('| block | visattn ms | timm ms | ratio of medians | ratio of minimums | target |\n'
               '|---|---:|---:|---:|---:|---:|')
     else:

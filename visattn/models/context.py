@@ -10,7 +10,8 @@
   ("Efficient Attention", arXiv:1812.01243).
 - ``resnet50_a2``: five double attention blocks in the same five places, each with ``c_m = c_n = C/2``: the
   A²-Net ResNet-50 of "A²-Nets: Double Attention Networks" (arXiv:1810.11579), which compares its blocks with
-  non-local ones in the same backbone; this placement and width give 32.91M parameters, the paper's 33.0M.
+  non-local ones in the same backbone (32.91M parameters; the paper's table could not be checked for the exact
+  placement, so this follows the non-local paper's five places).
 - ``resnet50_cc``, ``resnet50_da``, ``resnet50_ema``, ``resnet50_external``: the segmentation-born blocks (CCNet
   arXiv:1811.11721, DANet arXiv:1809.02983, EMANet arXiv:1907.13426, external attention arXiv:2105.02358) after the
   last stage, before pooling, at the full width of ``layer4`` (2048 channels): where their heads read the backbone.
