@@ -23,7 +23,8 @@ from _block_args import SMALL  # noqa: E402
 
 C, HW = 16, (5, 7)
 DIM, HEADS, N = 32, 4, 24
-MODEL_SAMPLE = ['resnet18_cbam', 'resnet18_se', 'sasa_resnet26', 'vit_small_patch16_224_linear', 'mobilenetv2_100_triplet']
+MODEL_SAMPLE = ['resnet18_cbam', 'resnet18_se', 'sasa_resnet26', 'vit_small_patch16_224_linear',
+                'mobilenetv2_100_triplet']
 
 
 def _first_of_each_family(kind: str) -> set[str]:
