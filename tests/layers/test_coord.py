@@ -15,6 +15,7 @@ import visattn
 from visattn.layers.coord import axis_gate
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _timm_equal import assert_same_function  # noqa: E402
 from test_gating_blocks import _bn, _check_against_reference, _p, _randomize  # noqa: E402
 
 SIZES = [(7, 9), (13, 17), (1, 1)]
@@ -23,21 +24,7 @@ SIZES = [(7, 9), (13, 17), (1, 1)]
 def check_matches_timm(ours: torch.nn.Module, theirs: torch.nn.Module, x: torch.Tensor, training: bool = False):
     """``ours`` loads ``theirs``' state dict (random weights, float64) and computes the same output and the same
     gradients (input and every parameter, matched by name)."""
-    theirs = _randomize(theirs.double()).train(training)
-    ours = ours.double().train(training)
-    ours.load_state_dict(theirs.state_dict())
-    x1 = x.double().requires_grad_()
-    x2 = x1.detach().clone().requires_grad_()
-    y1, y2 = ours(x1), theirs(x2)
-    torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-12)
-    names = [n for n, _ in ours.named_parameters()]
-    theirs_params = dict(theirs.named_parameters())
-    assert set(names) == set(theirs_params)
-    g = torch.randn_like(y1)
-    mine = torch.autograd.grad(y1, [x1] + [p for _, p in ours.named_parameters()], g)
-    want = torch.autograd.grad(y2, [x2] + [theirs_params[n] for n in names], g)
-    for name, a, b in zip(['x'] + names, mine, want):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f'gradient of {name}')
+    assert_same_function(ours, _randomize(theirs), x, training, out_tol=1e-10, grad_tol=1e-9)
 
 
 def _dense(w, b, z):

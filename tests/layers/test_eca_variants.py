@@ -14,6 +14,7 @@ import visattn
 from visattn.layers import eca_kernel_size
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _timm_equal import assert_same_function  # noqa: E402
 from test_gating_blocks import _check_against_reference, _p, _randomize  # noqa: E402
 
 
@@ -67,18 +68,7 @@ def test_ceca_is_eca_away_from_the_edges():
 
 def _assert_same_function(ours, theirs, x):
     """Output and the gradients of x and of every parameter agree in float64, with theirs' weights in ours."""
-    ours, theirs = ours.double(), theirs.double()
-    ours.load_state_dict(theirs.state_dict())
-    xs = [x.double().clone().requires_grad_() for _ in range(2)]
-    out, want = ours(xs[0]), theirs(xs[1])
-    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(out)
-    names = [n for n, _ in theirs.named_parameters()]
-    mine = dict(ours.named_parameters())
-    got = torch.autograd.grad(out, [xs[0]] + [mine[n] for n in names], g)
-    exp = torch.autograd.grad(want, [xs[1]] + list(theirs.parameters()), g)
-    for name, a, b in zip(['x'] + names, got, exp):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f'gradient of {name}')
+    assert_same_function(ours, theirs, x)
 
 
 @pytest.mark.parametrize('channels', [64, 95, 256])  # 95: timm's rounding lifts C/8 = 11.9 to 16, not down to 8

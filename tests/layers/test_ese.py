@@ -13,6 +13,7 @@ import visattn
 from visattn.layers.ese import HardSigmoid
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _timm_equal import assert_same_function  # noqa: E402
 from test_gating_blocks import _check_against_reference, _fc, _randomize  # noqa: E402
 
 
@@ -40,18 +41,7 @@ def test_gate_saturates_where_the_reference_says():
 
 def _assert_same_function(ours, theirs, x, grad_tol=1e-10):
     """Output and the gradients of x and of every parameter agree in float64, with theirs' weights in ours."""
-    ours, theirs = ours.double(), theirs.double()
-    ours.load_state_dict(theirs.state_dict())
-    xs = [x.double().clone().requires_grad_() for _ in range(2)]
-    out, want = ours(xs[0]), theirs(xs[1])
-    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(out)
-    names = [n for n, _ in theirs.named_parameters()]
-    mine = dict(ours.named_parameters())
-    got = torch.autograd.grad(out, [xs[0]] + [mine[n] for n in names], g)
-    exp = torch.autograd.grad(want, [xs[1]] + list(theirs.parameters()), g)
-    for name, a, b in zip(['x'] + names, got, exp):
-        torch.testing.assert_close(a, b, rtol=grad_tol, atol=grad_tol, msg=f'gradient of {name}')
+    assert_same_function(ours, theirs, x, grad_tol=grad_tol)
 
 
 @pytest.mark.parametrize('gate', [None, 'sigmoid'])

@@ -14,6 +14,7 @@ import visattn
 from visattn.layers.ese import HardSigmoid  # float64-exact backward, unlike nn.Hardsigmoid
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _timm_equal import assert_same_function  # noqa: E402
 from test_gating_blocks import _bn, _check_against_reference, _fc, _p, _randomize  # noqa: E402
 
 
@@ -55,20 +56,8 @@ def test_light_gates_are_smaller_than_cbam_s():
 @pytest.mark.parametrize('training', [False, True])
 def test_matches_timm(training):
     """timm's default has no MLP biases (``mlp_bias=False``); with that, the same function and gradients."""
-    theirs = _randomize(LightCbamModule(64)).double().train(training)
-    ours = visattn.create_attn('lcbam', 64, mlp_bias=False).double().train(training)
-    ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(3, 64, 7, 9, dtype=torch.float64)
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    out, want = ours(xs[0]), theirs(xs[1])
-    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(out)
-    names = [n for n, _ in theirs.named_parameters()]
-    mine = dict(ours.named_parameters())
-    got = torch.autograd.grad(out, [xs[0]] + [mine[n] for n in names], g)
-    exp = torch.autograd.grad(want, [xs[1]] + list(theirs.parameters()), g)
-    for name, a, b in zip(['x'] + names, got, exp):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f'gradient of {name}')
+    ours, theirs = assert_same_function(visattn.create_attn('lcbam', 64, mlp_bias=False),
+                                        _randomize(LightCbamModule(64)), torch.randn(3, 64, 7, 9), training)
     if training:  # the same batch statistics went into the running ones
         for (name, a), b in zip(ours.named_buffers(), theirs.buffers()):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
