@@ -8,12 +8,14 @@ import torch.nn as nn
 from torch import Tensor
 
 
-def make_divisible(value: float, divisor: int = 1, min_value: int | None = None) -> int:
-    """Round ``value`` to the nearest multiple of ``divisor`` (at least ``min_value``, default ``divisor``)."""
+def make_divisible(value: float, divisor: int = 1, min_value: int | None = None, round_limit: float = 0.) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor`` (at least ``min_value``, default ``divisor``); one
+    ``divisor`` more where that lands below ``round_limit · value`` (timm's 0.9: never more than 10% down)."""
     if divisor < 1:
         raise ValueError(f'divisor must be >= 1, got {divisor}')
     min_value = divisor if min_value is None else min_value
-    return max(min_value, int(value + divisor / 2) // divisor * divisor)
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < round_limit * value else rounded
 
 
 def reduced_channels(
@@ -22,14 +24,16 @@ def reduced_channels(
         rd_channels: int | None = None,
         rd_divisor: int = 1,
         min_channels: int = 1,
+        round_limit: float = 0.,
 ) -> int:
     """Width of a reduction bottleneck: ``rd_channels`` if given, else ``channels * rd_ratio`` rounded to
-    a multiple of ``rd_divisor`` (the rd_ratio / rd_channels / rd_divisor trio of timm)."""
+    a multiple of ``rd_divisor`` (the rd_ratio / rd_channels / rd_divisor trio of timm; ``round_limit`` as
+    `make_divisible`)."""
     rd_ratio = check_float('rd_ratio', rd_ratio, 0., 1., low_open=True)
     check_int('rd_divisor', rd_divisor)
     if rd_channels is not None:
         return check_int('rd_channels', rd_channels)
-    return max(min_channels, make_divisible(channels * rd_ratio, rd_divisor))
+    return make_divisible(channels * rd_ratio, rd_divisor, max(min_channels, rd_divisor), round_limit)
 
 
 def check_channels(channels: int, name: str = 'channels') -> int:

@@ -149,10 +149,8 @@ class EfficientChannelAttnMlp(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.channels = check_channels(channels)
         self.kernel_size = kernel_size = _checked_kernel_size(channels, kernel_size, gamma, beta)
-        rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
-        if rd_channels is None and rd < 0.9 * channels * rd_ratio:  # timm's make_divisible: never 10% below
-            rd += rd_divisor
-        self.rd_channels = rd
+        # timm's rounding: never more than 10% below C·rd_ratio
+        self.rd_channels = rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor, round_limit=0.9)
         self.conv = nn.Conv1d(1, rd, 1, **dd)
         self.act = get_act(act_layer, inplace=True)
         self.conv2 = nn.Conv1d(rd, 1, kernel_size, padding=(kernel_size - 1) // 2, **dd)

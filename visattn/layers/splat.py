@@ -51,9 +51,7 @@ from .sk import _mix, branch_mix
 def splat_rd_channels(channels: int, radix: int, rd_ratio: float, rd_divisor: int, min_channels: int = 32) -> int:
     """Width of ``fc1`` as timm's ``SplitAttn``: ``C_in·R·rd_ratio`` rounded to a multiple of ``rd_divisor`` (not
     more than 10% down), at least ``min_channels``."""
-    v = channels * radix * rd_ratio
-    width = make_divisible(v, rd_divisor, min_channels)
-    return width + rd_divisor if width < 0.9 * v else width
+    return make_divisible(channels * radix * rd_ratio, rd_divisor, min_channels, round_limit=0.9)
 
 
 @register(
