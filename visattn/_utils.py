@@ -216,6 +216,54 @@ def bind_defaults(cls: type, suffix: str, **defaults) -> type:
 _BOUND: dict[tuple, type] = {}
 
 
+def check_feat_size(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
+    """Validate a feature-map size given as an int (square) or an (H, W) pair of ints >= 1; returns (H, W)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f'{name} must be an int or an (H, W) pair, got {value!r}')
+        return check_int(name, value[0]), check_int(name, value[1])
+    return check_int(name, value), value
+
+
+def shift_channel_groups(
+        x: Tensor, bounds: list[int], offsets: list[tuple[int, int]], keep_border: bool = False,
+        channels_last: bool = False,
+) -> Tensor:
+    """Shift channel groups spatially in one pass: channels ``bounds[k] .. bounds[k+1]`` (``bounds[0] = 0``) move by
+    ``offsets[k] = (dy, dx)`` pixels, ``out[.., i, j] = x[.., i - dy, j - dx]``; the channels from ``bounds[-1]`` on
+    are copied unchanged. Where the source pixel falls outside the map the output is 0, or with ``keep_border``
+    the input's own value at that pixel (S²-MLP's in-place shift). ``x``: [B, C, H, W], or [B, H, W, C] with
+    ``channels_last``."""
+    cd, hd, wd = (3, 1, 2) if channels_last else (1, 2, 3)
+    H, W = x.shape[hd], x.shape[wd]
+    out = torch.empty_like(x)
+    for k in range(len(offsets)):
+        c0, c1 = bounds[k], bounds[k + 1]
+        if c1 <= c0:
+            continue
+        dy, dx = offsets[k]
+        src, dst = x.narrow(cd, c0, c1 - c0), out.narrow(cd, c0, c1 - c0)
+        h, w = H - abs(dy), W - abs(dx)
+        if h > 0 and w > 0:
+            dst.narrow(hd, max(dy, 0), h).narrow(wd, max(dx, 0), w).copy_(
+                src.narrow(hd, max(-dy, 0), h).narrow(wd, max(-dx, 0), w))
+        # the strips the shift leaves uncovered: rows [0, dy) or [H + dy, H), columns likewise
+        strips: list[tuple[int, int, int]] = []
+        if dy != 0:
+            strips.append((hd, 0 if dy > 0 else max(H + dy, 0), min(abs(dy), H)))
+        if dx != 0:
+            strips.append((wd, 0 if dx > 0 else max(W + dx, 0), min(abs(dx), W)))
+        for dim, start, length in strips:
+            if keep_border:
+                dst.narrow(dim, start, length).copy_(src.narrow(dim, start, length))
+            else:
+                dst.narrow(dim, start, length).zero_()
+    rest = x.shape[cd] - bounds[-1]
+    if rest > 0:
+        out.narrow(cd, bounds[-1], rest).copy_(x.narrow(cd, bounds[-1], rest))
+    return out
+
+
 def pad_hw_to_multiple(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """Zero-pad ``x`` [B, C, H, W] at the bottom/right to multiples of ``block``; also the [Hp, Wp] validity mask."""
     H, W = x.shape[-2:]
@@ -239,6 +287,23 @@ def from_blocks(t: Tensor, block: int, Hp: int, Wp: int) -> Tensor:
     B, heads, _, _, D = t.shape
     t = t.view(B, heads, Hp // block, Wp // block, block, block, D)
     return t.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, heads * D, Hp, Wp)
+
+
+def conv_norm_act(
+        in_channels: int, out_channels: int, kernel_size: int = 1, *, norm_layer: type[nn.Module] | None = None,
+        act_layer: type[nn.Module] | str | None = None, bias: bool | None = None, device=None, dtype=None,
+) -> nn.Sequential:
+    """A k×k conv (bias only without a norm, unless ``bias`` says otherwise), then the norm and the activation where
+    given, as children ``conv``, ``bn``, ``activate``: the layout (and state-dict keys) of mmcv's ``ConvModule``."""
+    seq = nn.Sequential()
+    bias = norm_layer is None if bias is None else bias
+    seq.add_module('conv', nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias,
+                                     device=device, dtype=dtype))
+    if norm_layer is not None:
+        seq.add_module('bn', norm_layer(out_channels, device=device, dtype=dtype))
+    if act_layer is not None:
+        seq.add_module('activate', get_act(act_layer, inplace=True))
+    return seq
 
 
 class QueryKeyValue2d(nn.Module):

@@ -11,5 +11,6 @@ SMALL = {
     'psa': dict(groups=(1, 1, 2, 2)),
     'sasa': dict(num_heads=2, kernel_size=3),
     'sge': dict(groups=4),
+    'shift': dict(shift_div=1 / 8),
     'sk': dict(groups=2, min_rd_channels=4),
 }

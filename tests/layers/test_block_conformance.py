@@ -26,13 +26,16 @@ ALLOWED = {
     ('bam', 'num_dilated_convs'): (0,),  # the spatial branch without dilated convolutions
     ('eca', 'beta'): (0, -1),  # the offset b of the adaptive kernel size is any real number
     ('ecam', 'beta'): (0, -1), ('ceca', 'beta'): (0, -1),  # ECA's variants: the same kernel size
+    ('afno', 'sparsity_threshold'): (0.,),  # no soft threshold (the released AFNONet's fno_softshrink=0)
     ('ema', 'momentum'): (0.,),  # the bases follow the batch without memory
     ('ge', 'extent'): (0,),  # the global gather
     ('halo', 'halo_size'): (0,),  # blocks without a halo
     ('sk', 'min_rd_channels'): (0,),  # no floor on the fuse layer's width
 }
 # blocks whose gradcheck needs a non-default, differentiable configuration (see test_ema_default_is_not_differentiable)
-GRADCHECK = {'ema': dict(em_grad=True)}
+GRADCHECK = {
+    'ema': dict(em_grad=True),
+}
 
 
 def numeric_args(name: str) -> list[tuple[str, int | float]]:

@@ -1,6 +1,7 @@
 """2-D attention blocks: NCHW in, NCHW out; one mechanism per file, each registered on import."""
 
 from .a2 import DoubleAttention
+from .afno import AFNO2d
 from .axial import AxialAttn, AxialAttnLayer
 from .bam import BottleneckAttnModule
 from .cbam import Cbam, ChannelGate, LightCbam, LightChannelGate, LightSpatialGate, SpatialGate
@@ -16,18 +17,23 @@ from .ese import EffectiveSqueezeExcite
 from .external import ExternalAttention
 from .gc import GlobalContext
 from .ge import GatherExcite
+from .gfnet import GlobalFilter
 from .halo import HaloAttn
 from .mixer2d import MixerAttn2d, sincos_2d
 from .nl import NonLocal
 from .parnet import SkipSqueezeExcite
 from .polarized import PolarizedSelfAttn
+from .poolformer import PoolMixer
 from .psa import PyramidSplitAttn
+from .s2mlp import SpatialShiftMlp
 from .sasa import SasaStem, SelfAttn2d
 from .se import SqueezeExcite
 from .sge import SpatialGroupEnhance
+from .shift import ShiftMixer
 from .shuffle import ShuffleAttn
 from .simam import SimAM
 from .sk import SelectiveKernel
+from .smlp import SparseMlp
 from .splat import SplitAttn
 from .strip import StripAttn
 from .triplet import TripletAttn
@@ -42,4 +48,5 @@ __all__ = [
     'CircularEfficientChannelAttn', 'EffectiveSqueezeExcite', 'EfficientChannelAttnMlp', 'GatherExcite', 'LightCbam',
     'LightChannelGate', 'LightSpatialGate',
     'PyramidSplitAttn', 'ShuffleAttn', 'SimAM', 'SpatialGroupEnhance', 'TripletAttn',
+    'AFNO2d', 'GlobalFilter', 'PoolMixer', 'ShiftMixer', 'SparseMlp', 'SpatialShiftMlp',
 ]
