@@ -7,6 +7,8 @@ SMALL = {
     'ema': dict(num_bases=4),
     'external': dict(num_slots=4),
     'halo': dict(num_heads=2, block_size=4, halo_size=1),
+    'ham': dict(rank=4),
+    'issa': dict(down_factor=(2, 4)),
     'mixer': dict(num_heads=2),
     'psa': dict(groups=(1, 1, 2, 2)),
     'sasa': dict(num_heads=2, kernel_size=3),

@@ -35,6 +35,7 @@ ALLOWED = {
 # blocks whose gradcheck needs a non-default, differentiable configuration (see test_ema_default_is_not_differentiable)
 GRADCHECK = {
     'ema': dict(em_grad=True),
+    'ham': dict(rand_init=False, one_step_grad=False),  # fixed bases, gradient through every NMF step
 }
 
 

@@ -20,8 +20,12 @@ from visattn.seg import (
     DAHead,
     EncoderDecoder,
     FCNHead,
+    HamHead,
+    ISAHead,
+    MixedPooling,
     SegTrainTransform,
     SegValTransform,
+    SPHead,
     create_head,
     list_heads,
     slide_inference,
@@ -93,6 +97,78 @@ def test_da_head_fuses_two_branches_that_start_as_identity():
         assert not torch.allclose(head(x), head.cls(plain))
     with pytest.raises(ValueError, match='position'):
         create_head('da', 24, 3, attn_kwargs={'rd_ratio': 0.5})
+
+
+def _hook_calls(module: nn.Module) -> list[int]:
+    calls: list[int] = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_isa_head_composition():
+    """mmseg's ISAHead: 3×3 conv, the issa block, concat [ISA(f), f], 1×1 conv, classifier."""
+    head = create_head('issa', 24, 3, channels=8, attn_kwargs={'down_factor': (2, 2)}).eval()
+    assert isinstance(head, ISAHead) and isinstance(head.isa, visattn.get_attn('issa'))
+    assert head.isa.down_factor == (2, 2) and head.out_conv[0].kernel_size == (1, 1)
+    calls = _hook_calls(head.isa)
+    x = torch.randn(2, 24, 5, 7, requires_grad=True)
+    out = head(x)
+    assert out.shape == (2, 3, 5, 7) and calls == [1]
+    with torch.no_grad():
+        f = head.in_conv(x)
+        torch.testing.assert_close(out, head.cls(head.out_conv(torch.cat([head.isa(f), f], 1))))
+    out.square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in head.isa.parameters())
+
+
+def test_ham_head_composition():
+    """HamNet's single-level head: squeeze 3×3, Hamburger, align 3×3, concat with the input, 3×3, classifier."""
+    head = create_head('ham', 24, 3, channels=8, attn_kwargs={'rank': 4, 'rand_init': False}).eval()
+    assert isinstance(head, HamHead) and isinstance(head.hamburger, visattn.get_attn('ham'))
+    assert head.hamburger.rank == 4 and head.squeeze[0].kernel_size == (3, 3)
+    calls = _hook_calls(head.hamburger)
+    x = torch.randn(2, 24, 5, 7, requires_grad=True)
+    out = head(x)
+    assert out.shape == (2, 3, 5, 7) and calls == [1]
+    with torch.no_grad():
+        mid = head.align(head.hamburger(head.squeeze(x)))
+        torch.testing.assert_close(out, head.cls(head.conv_cat(torch.cat([x, mid], 1))))
+    out.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and head.hamburger.ham_in.conv.weight.grad is not None
+    plain = HamHead(24, 3, channels=8, ham_channels=6, concat_input=False)
+    assert plain.conv_cat is None and plain.hamburger.channels == 6 and plain(x).shape == (2, 3, 5, 7)
+
+
+def test_strip_head_is_spnets():
+    """SPNet's head: 1×1 conv to C/2, two mixed pooling modules (pyramid and strip pooling, residual), 3×3 conv to
+    C/4, classifier; its mixed pooling module against the released formula written out."""
+    head = create_head('strip', 32, 3, channels=16).eval()
+    assert isinstance(head, SPHead) and head.trans_layer[0].kernel_size == (1, 1)
+    assert head.score_layer[0].out_channels == 8
+    calls = [_hook_calls(head.strip_pool1), _hook_calls(head.strip_pool2)]
+    x = torch.randn(2, 32, 6, 7, requires_grad=True)
+    out = head(x)
+    assert out.shape == (2, 3, 6, 7) and calls == [[1], [1]]
+    out.square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+    mpm = MixedPooling(8, (3, 2)).eval()
+    t = torch.randn(2, 8, 6, 7)
+    with torch.no_grad():
+        up = dict(size=(6, 7), mode='bilinear', align_corners=True)
+        x1, x2 = mpm.conv1_1(t), mpm.conv1_2(t)
+        a = mpm.conv2_0(x1) + torch.nn.functional.interpolate(
+            mpm.conv2_1(torch.nn.functional.adaptive_avg_pool2d(x1, 3)), **up) + torch.nn.functional.interpolate(
+            mpm.conv2_2(torch.nn.functional.adaptive_avg_pool2d(x1, 2)), **up)
+        b = (torch.nn.functional.interpolate(mpm.conv2_3(torch.nn.functional.adaptive_avg_pool2d(x2, (1, None))), **up)
+             + torch.nn.functional.interpolate(mpm.conv2_4(torch.nn.functional.adaptive_avg_pool2d(x2, (None, 1))),
+                                               **up))
+        want = torch.relu(t + mpm.conv3(torch.cat([mpm.conv2_5(torch.relu(a)), mpm.conv2_6(torch.relu(b))], 1)))
+        torch.testing.assert_close(mpm(t), want)
+    with pytest.raises(ValueError, match='no attention block'):
+        create_head('strip', 32, 3, attn_kwargs={'x': 1})
+    with pytest.raises(ValueError, match='pool_sizes'):
+        MixedPooling(8, (3, 0))
 
 
 def test_encoder_decoder_output_stride_8_and_odd_sizes():

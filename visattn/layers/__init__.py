@@ -19,6 +19,10 @@ from .gc import GlobalContext
 from .ge import GatherExcite
 from .gfnet import GlobalFilter
 from .halo import HaloAttn
+from .ham import Hamburger
+from .issa import InterlacedSparseSelfAttn
+from .kronecker import KroneckerAttn
+from .lightnl import LightNonLocal
 from .mixer2d import MixerAttn2d, sincos_2d
 from .nl import NonLocal
 from .parnet import SkipSqueezeExcite
@@ -49,4 +53,5 @@ __all__ = [
     'LightChannelGate', 'LightSpatialGate',
     'PyramidSplitAttn', 'ShuffleAttn', 'SimAM', 'SpatialGroupEnhance', 'TripletAttn',
     'AFNO2d', 'GlobalFilter', 'PoolMixer', 'ShiftMixer', 'SparseMlp', 'SpatialShiftMlp',
+    'Hamburger', 'InterlacedSparseSelfAttn', 'KroneckerAttn', 'LightNonLocal',
 ]

@@ -19,6 +19,17 @@ The named heads (`HEADS`) fix the composition each paper uses:
 - ``external``: "Beyond Self-attention: External Attention using Two Linear Layers for Visual Tasks"
   (arXiv:2105.02358).
 - ``nl``: "Non-local Neural Networks" (arXiv:1711.07971), placed as CCNet places its block (concat input).
+- ``issa``: ISANet, "Interlaced Sparse Self-Attention for Semantic Segmentation" (arXiv:1907.12273), `ISAHead` as
+  mmsegmentation's: 3×3 conv-BN-ReLU to ``channels``, the ``issa`` block (long-range then short-range attention),
+  its output concatenated with the block's input and fused by a 1×1 conv-BN-ReLU.
+- ``ham``: HamNet, "Is Attention Better Than Matrix Decomposition?" (arXiv:2109.04553), `HamHead` in the single-level
+  form of the released ResNet head (``HamHead`` of ``seg_mm``): 3×3 squeeze conv, the ``ham`` block (Hamburger with
+  NMF), 3×3 align conv, concatenated with the input and fused by a 3×3 conv. The paper's ``LightHamHead`` (SegNeXt)
+  concatenates several backbone levels first; the encoder-decoder here gives the head one level, hence this form.
+- ``strip``: SPNet, "Strip Pooling: Rethinking Spatial Pooling for Scene Parsing" (arXiv:2003.13328), `SPHead` as the
+  released code: 1×1 conv-BN-ReLU to ``channels`` (the paper's C/2), two mixed pooling modules (`MixedPooling`:
+  pyramid pooling at 20×20 and 12×12 plus strip pooling, residual), 3×3 conv-BN-ReLU to ``channels / 2``, classifier.
+  The strip pooling module itself (the ``strip`` block) belongs to SPNet's backbone: ``resnet50_strip``.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._utils import check_channels, check_nchw
@@ -205,6 +217,199 @@ class DAHead(nn.Module):
         return self.cls(self.position(x) + self.channel(x))
 
 
+class ISAHead(nn.Module):
+    """ISANet's head (mmsegmentation's ``ISAHead``): 3×3 conv-BN-ReLU to ``channels``, interlaced sparse
+    self-attention, its output concatenated with its input (the conv's output) and fused by a 1×1 conv-BN-ReLU, then
+    the classifier.
+
+    Args:
+        in_channels: channels of the feature map it reads.
+        num_classes: output classes K.
+        channels: width of the head (default 512).
+        attn_kwargs: keyword arguments of the ``issa`` block (its defaults: down factor (8, 8), C/2 = 256 query/key
+            channels at 512, as mmseg's ``isa_channels``).
+        dropout: dropout before the classifier (default 0.1).
+
+    Shapes:
+        x: [B, in_channels, H, W] -> [B, K, H, W].
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            num_classes: int,
+            *,
+            channels: int = 512,
+            attn_kwargs: dict[str, Any] | None = None,
+            dropout: float = 0.1,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.in_channels = check_channels(in_channels, 'in_channels')
+        check_channels(channels)
+        self.in_conv = ConvBNReLU(in_channels, channels, **dd)
+        self.isa = create_attn('issa', channels, **(attn_kwargs or {}), **dd)
+        self.out_conv = ConvBNReLU(2 * channels, channels, 1, **dd)
+        self.cls = _Classifier(channels, num_classes, dropout, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_nchw(x, self.in_channels, type(self).__name__)
+        x = self.in_conv(x)
+        return self.cls(self.out_conv(torch.cat([self.isa(x), x], dim=1)))
+
+
+class HamHead(nn.Module):
+    """HamNet's head on one feature level (the released ``HamHead`` for ResNets): 3×3 squeeze conv-BN-ReLU to
+    ``ham_channels``, the Hamburger, 3×3 align conv-BN-ReLU to ``channels``, optionally concatenated with the head's
+    input and fused by a 3×3 conv-BN-ReLU, then the classifier.
+
+    Args:
+        in_channels: channels of the feature map it reads.
+        num_classes: output classes K.
+        channels: width after the align conv (default 512).
+        ham_channels: width of the Hamburger (default ``channels``; the released config: 512).
+        attn_kwargs: keyword arguments of the ``ham`` block (default its own: NMF, r = 64, 6/7 steps).
+        concat_input: concatenate the input and fuse by a 3×3 conv (default True, as the released head).
+        dropout: dropout before the classifier (default 0.1).
+
+    Shapes:
+        x: [B, in_channels, H, W] -> [B, K, H, W].
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            num_classes: int,
+            *,
+            channels: int = 512,
+            ham_channels: int | None = None,
+            attn_kwargs: dict[str, Any] | None = None,
+            concat_input: bool = True,
+            dropout: float = 0.1,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.in_channels = check_channels(in_channels, 'in_channels')
+        check_channels(channels)
+        ham_channels = channels if ham_channels is None else check_channels(ham_channels, 'ham_channels')
+        self.squeeze = ConvBNReLU(in_channels, ham_channels, **dd)
+        self.hamburger = create_attn('ham', ham_channels, **(attn_kwargs or {}), **dd)
+        self.align = ConvBNReLU(ham_channels, channels, **dd)
+        self.conv_cat = ConvBNReLU(in_channels + channels, channels, **dd) if concat_input else None
+        self.cls = _Classifier(channels, num_classes, dropout, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_nchw(x, self.in_channels, type(self).__name__)
+        out = self.align(self.hamburger(self.squeeze(x)))
+        if self.conv_cat is not None:
+            out = self.conv_cat(torch.cat([x, out], dim=1))
+        return self.cls(out)
+
+
+def _conv_bn(in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], dd: dict[str, Any]
+             ) -> nn.Sequential:
+    """k×k conv without bias ('same' padding) → BatchNorm."""
+    k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, k, padding=(k[0] // 2, k[1] // 2), bias=False, **dd),
+                         nn.BatchNorm2d(out_channels, **dd))
+
+
+class MixedPooling(nn.Module):
+    """SPNet's mixed pooling module (MPM), as the released ``StripPooling`` of ``customize.py``.
+
+    Two 1×1 conv-BN-ReLU reduce C to C/4 twice (x₁, x₂). The pyramid branch sums a 3×3 conv-BN of x₁ with 3×3 conv-BN
+    of x₁ average-pooled to ``pool_sizes[0]``² and ``pool_sizes[1]``² (bilinearly upsampled), then ReLU and a 3×3
+    conv-BN-ReLU; the strip branch sums a 1×3 conv-BN of x₂'s column averages (a 1 × W strip) and a 3×1 conv-BN of its
+    row averages (H × 1), each expanded back to H × W, then ReLU and a 3×3 conv-BN-ReLU. The two branches are
+    concatenated, a 1×1 conv-BN restores C, and ``y = ReLU(x + out)``.
+
+    Args:
+        channels: input and output channels C.
+        pool_sizes: the two square pooling sizes of the pyramid branch (default (20, 12), the released head's).
+        device, dtype: factory arguments.
+
+    Shapes:
+        x: [B, C, H, W] -> [B, C, H, W].
+    """
+
+    def __init__(self, channels: int, pool_sizes: tuple[int, int] = (20, 12), *, device=None, dtype=None) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.channels = check_channels(channels)
+        if len(pool_sizes) != 2 or any(not isinstance(p, int) or p < 1 for p in pool_sizes):
+            raise ValueError(f'pool_sizes must be two ints >= 1, got {pool_sizes!r}')
+        self.pool_sizes = (pool_sizes[0], pool_sizes[1])
+        inter = max(1, channels // 4)
+        self.conv1_1 = ConvBNReLU(channels, inter, 1, **dd)
+        self.conv1_2 = ConvBNReLU(channels, inter, 1, **dd)
+        self.conv2_0 = _conv_bn(inter, inter, 3, dd)
+        self.conv2_1 = _conv_bn(inter, inter, 3, dd)
+        self.conv2_2 = _conv_bn(inter, inter, 3, dd)
+        self.conv2_3 = _conv_bn(inter, inter, (1, 3), dd)
+        self.conv2_4 = _conv_bn(inter, inter, (3, 1), dd)
+        self.conv2_5 = ConvBNReLU(inter, inter, **dd)
+        self.conv2_6 = ConvBNReLU(inter, inter, **dd)
+        self.conv3 = _conv_bn(2 * inter, channels, 1, dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_nchw(x, self.channels, type(self).__name__)
+        size = x.shape[-2:]
+        x1, x2 = self.conv1_1(x), self.conv1_2(x)
+        pools = [F.interpolate(conv(F.adaptive_avg_pool2d(x1, p)), size=size, mode='bilinear', align_corners=True)
+                 for conv, p in ((self.conv2_1, self.pool_sizes[0]), (self.conv2_2, self.pool_sizes[1]))]
+        pyramid = self.conv2_0(x1) + pools[0] + pools[1]
+        # the 1 × W and H × 1 strips, expanded by broadcasting (what bilinear upsampling of a strip gives)
+        strips = self.conv2_3(x2.mean(2, keepdim=True)) + self.conv2_4(x2.mean(3, keepdim=True))
+        out = self.conv3(torch.cat([self.conv2_5(F.relu(pyramid)), self.conv2_6(F.relu(strips))], dim=1))
+        return F.relu(x + out)
+
+
+class SPHead(nn.Module):
+    """SPNet's head (the released ``SPHead``): 1×1 conv-BN-ReLU to ``channels``, two mixed pooling modules, 3×3
+    conv-BN-ReLU to ``channels // 2``, dropout and the classifier.
+
+    Args:
+        in_channels: channels of the feature map it reads.
+        num_classes: output classes K.
+        channels: width of the mixed pooling modules (the released head: in_channels / 2 = 1024 for a ResNet-50;
+            default 512, the encoder-decoder's head width).
+        pool_sizes: pooling sizes of the modules' pyramid branch (default (20, 12)).
+        dropout: dropout before the classifier (default 0.1).
+
+    Shapes:
+        x: [B, in_channels, H, W] -> [B, K, H, W].
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            num_classes: int,
+            *,
+            channels: int = 512,
+            pool_sizes: tuple[int, int] = (20, 12),
+            dropout: float = 0.1,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.in_channels = check_channels(in_channels, 'in_channels')
+        check_channels(channels)
+        self.trans_layer = ConvBNReLU(in_channels, channels, 1, **dd)
+        self.strip_pool1 = MixedPooling(channels, pool_sizes, **dd)
+        self.strip_pool2 = MixedPooling(channels, pool_sizes, **dd)
+        self.score_layer = ConvBNReLU(channels, max(1, channels // 2), **dd)
+        self.cls = _Classifier(max(1, channels // 2), num_classes, dropout, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_nchw(x, self.in_channels, type(self).__name__)
+        return self.cls(self.score_layer(self.strip_pool2(self.strip_pool1(self.trans_layer(x)))))
+
+
 # head name -> AttnHead arguments (the paper's composition); 'fcn' and 'da' have their own classes
 HEADS: dict[str, dict[str, Any]] = {
     'cc': dict(attn='cc', concat_input=True),
@@ -214,9 +419,13 @@ HEADS: dict[str, dict[str, Any]] = {
 }
 
 
+# heads whose composition differs from AttnHead's: name -> class (each takes attn_kwargs for its block)
+_CLASS_HEADS: dict[str, type[nn.Module]] = {'issa': ISAHead, 'ham': HamHead, 'strip': SPHead}
+
+
 def list_heads() -> list[str]:
     """Names accepted by `create_head`."""
-    return sorted(['fcn', 'da', *HEADS])
+    return sorted(['fcn', 'da', *_CLASS_HEADS, *HEADS])
 
 
 def create_head(
@@ -251,6 +460,13 @@ def create_head(
                 f"attn_kwargs of the da head takes the keys 'position' and 'channel', got {sorted(unknown)}")
         return DAHead(in_channels, num_classes, channels=channels, position_kwargs=kw.get('position'),
                       channel_kwargs=kw.get('channel'), dropout=dropout, **dd)
+    if name in _CLASS_HEADS:
+        if name == 'strip':
+            if attn_kwargs:
+                raise ValueError(f'the strip head has no attention block; attn_kwargs must be empty, got {attn_kwargs}')
+            return SPHead(in_channels, num_classes, channels=channels, dropout=dropout, **dd)
+        return _CLASS_HEADS[name](in_channels, num_classes, channels=channels, attn_kwargs=attn_kwargs,
+                                  dropout=dropout, **dd)
     preset = HEADS.get(name, dict(attn=name))
     return AttnHead(in_channels, num_classes, channels=channels, attn_kwargs=attn_kwargs, dropout=dropout,
                     **preset, **dd)

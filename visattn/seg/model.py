@@ -37,7 +37,8 @@ class EncoderDecoder(nn.Module):
     Args:
         backbone: a timm/visattn model name, or a module returning a list of feature maps with ``feature_info``.
         num_classes: classes K.
-        head: decode head name (``fcn``, ``cc``, ``da``, ``ema``, ``external``, ``nl``, or any registered block).
+        head: decode head name (``fcn``, ``cc``, ``da``, ``ema``, ``external``, ``nl``, ``issa``, ``ham``,
+            ``strip``, or any registered block).
         head_channels: width of the decode head (default 512).
         attn_kwargs: keyword arguments of the head's attention block.
         aux_head: add the auxiliary FCN head (256 channels) on the second-to-last level (default True).
