@@ -31,6 +31,8 @@ ALLOWED = {
     ('ge', 'extent'): (0,),  # the global gather
     ('halo', 'halo_size'): (0,),  # blocks without a halo
     ('sk', 'min_rd_channels'): (0,),  # no floor on the fuse layer's width
+    ('outlook', 'attn_drop'): (0.,), ('outlook', 'proj_drop'): (0.,),  # no dropout
+    ('mobilevit', 'attn_drop'): (0.,), ('mobilevit', 'drop'): (0.,), ('mobilevit', 'drop_path'): (0.,),
 }
 # blocks whose gradcheck needs a non-default, differentiable configuration (see test_ema_default_is_not_differentiable)
 GRADCHECK = {

@@ -7,6 +7,7 @@ from .bam import BottleneckAttnModule
 from .cbam import Cbam, ChannelGate, LightCbam, LightChannelGate, LightSpatialGate, SpatialGate
 from .cc import CrissCrossAttention
 from .coord import CoordAttn, SimpleCoordAttn
+from .cot import ContextualTransformer
 from .csra import CSRAHead, with_csra_head
 from .da import DAChannelAttention, DAPositionAttention, DualAttention
 from .eca import CircularEfficientChannelAttn, EfficientChannelAttn, EfficientChannelAttnMlp, eca_kernel_size
@@ -24,7 +25,9 @@ from .issa import InterlacedSparseSelfAttn
 from .kronecker import KroneckerAttn
 from .lightnl import LightNonLocal
 from .mixer2d import MixerAttn2d, sincos_2d
+from .mobilevit import MobileVitBlock
 from .nl import NonLocal
+from .outlook import OutlookAttn
 from .parnet import SkipSqueezeExcite
 from .polarized import PolarizedSelfAttn
 from .poolformer import PoolMixer
@@ -54,4 +57,5 @@ __all__ = [
     'PyramidSplitAttn', 'ShuffleAttn', 'SimAM', 'SpatialGroupEnhance', 'TripletAttn',
     'AFNO2d', 'GlobalFilter', 'PoolMixer', 'ShiftMixer', 'SparseMlp', 'SpatialShiftMlp',
     'Hamburger', 'InterlacedSparseSelfAttn', 'KroneckerAttn', 'LightNonLocal',
+    'ContextualTransformer', 'MobileVitBlock', 'OutlookAttn',
 ]
