@@ -1,6 +1,7 @@
 """2-D attention blocks: NCHW in, NCHW out; one mechanism per file, each registered on import."""
 
 from .a2 import DoubleAttention
+from .acmix import ACmix
 from .afno import AFNO2d
 from .axial import AxialAttn, AxialAttnLayer
 from .bam import BottleneckAttnModule
@@ -10,6 +11,7 @@ from .coord import CoordAttn, SimpleCoordAttn
 from .cot import ContextualTransformer
 from .csra import CSRAHead, with_csra_head
 from .da import DAChannelAttention, DAPositionAttention, DualAttention
+from .deformable import DeformableAttn
 from .eca import CircularEfficientChannelAttn, EfficientChannelAttn, EfficientChannelAttnMlp, eca_kernel_size
 from .efficient import EfficientAttention
 from .ela import EfficientLocalAttn
@@ -58,4 +60,5 @@ __all__ = [
     'AFNO2d', 'GlobalFilter', 'PoolMixer', 'ShiftMixer', 'SparseMlp', 'SpatialShiftMlp',
     'Hamburger', 'InterlacedSparseSelfAttn', 'KroneckerAttn', 'LightNonLocal',
     'ContextualTransformer', 'MobileVitBlock', 'OutlookAttn',
+    'ACmix', 'DeformableAttn',
 ]
