@@ -15,4 +15,6 @@ SMALL = {
     'sge': dict(groups=4),
     'shift': dict(shift_div=1 / 8),
     'sk': dict(groups=2, min_rd_channels=4),
+    'window': dict(num_heads=2, window_size=3, shift_size=1),  # 5×7 maps: shifted, padded windows
+    'window_v2': dict(num_heads=2, window_size=3, shift_size=1),
 }

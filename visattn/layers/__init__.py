@@ -46,6 +46,7 @@ from .smlp import SparseMlp
 from .splat import SplitAttn
 from .strip import StripAttn
 from .triplet import TripletAttn
+from .window import WindowAttn, WindowAttnV2
 
 __all__ = [
     'AxialAttn', 'AxialAttnLayer', 'BottleneckAttnModule', 'Cbam', 'ChannelGate', 'CrissCrossAttention',
@@ -58,6 +59,7 @@ __all__ = [
     'LightChannelGate', 'LightSpatialGate',
     'PyramidSplitAttn', 'ShuffleAttn', 'SimAM', 'SpatialGroupEnhance', 'TripletAttn',
     'AFNO2d', 'GlobalFilter', 'PoolMixer', 'ShiftMixer', 'SparseMlp', 'SpatialShiftMlp',
+    'WindowAttn', 'WindowAttnV2',
     'Hamburger', 'InterlacedSparseSelfAttn', 'KroneckerAttn', 'LightNonLocal',
     'ContextualTransformer', 'MobileVitBlock', 'OutlookAttn',
     'ACmix', 'DeformableAttn',
