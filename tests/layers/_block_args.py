@@ -3,6 +3,8 @@ shared by the registry-driven tests: a block that needs none is absent."""
 
 SMALL = {
     'axial': dict(num_heads=2),
+    'bat': dict(block_size=3),  # 5×7 maps: bands of 2 rows and 3 columns, the last ones partly padding
+    'lambda': dict(r=3),  # a scope smaller than the 5×7 map
     'ela': dict(norm_groups=4),
     'ema': dict(num_bases=4),
     'external': dict(num_slots=4),

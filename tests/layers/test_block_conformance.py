@@ -24,6 +24,7 @@ BLOCKS = visattn.list_attn()
 # values below 1 that an argument legitimately takes (each is checked to build and run)
 ALLOWED = {
     ('bam', 'num_dilated_convs'): (0,),  # the spatial branch without dilated convolutions
+    ('bat', 'drop_rate'): (0.,),  # no dropout on the residual branch
     ('eca', 'beta'): (0, -1),  # the offset b of the adaptive kernel size is any real number
     ('ecam', 'beta'): (0, -1), ('ceca', 'beta'): (0, -1),  # ECA's variants: the same kernel size
     ('afno', 'sparsity_threshold'): (0.,),  # no soft threshold (the released AFNONet's fno_softshrink=0)

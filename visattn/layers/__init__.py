@@ -5,6 +5,8 @@ from .acmix import ACmix
 from .afno import AFNO2d
 from .axial import AxialAttn, AxialAttnLayer
 from .bam import BottleneckAttnModule
+from .bat import BatNonLocalAttn, BilinearAttnTransform
+from .bottleneck import BottleneckAttn
 from .cbam import Cbam, ChannelGate, LightCbam, LightChannelGate, LightSpatialGate, SpatialGate
 from .cc import CrissCrossAttention
 from .coord import CoordAttn, SimpleCoordAttn
@@ -25,6 +27,7 @@ from .halo import HaloAttn
 from .ham import Hamburger
 from .issa import InterlacedSparseSelfAttn
 from .kronecker import KroneckerAttn
+from .lambda_layer import LambdaLayer
 from .lightnl import LightNonLocal
 from .mixer2d import MixerAttn2d, sincos_2d
 from .mobilevit import MobileVitBlock
@@ -63,4 +66,5 @@ __all__ = [
     'Hamburger', 'InterlacedSparseSelfAttn', 'KroneckerAttn', 'LightNonLocal',
     'ContextualTransformer', 'MobileVitBlock', 'OutlookAttn',
     'ACmix', 'DeformableAttn',
+    'BatNonLocalAttn', 'BilinearAttnTransform', 'BottleneckAttn', 'LambdaLayer',
 ]

@@ -4,12 +4,14 @@ from .context import ContextResNet
 from .local import AxialBottleneck, LocalAttnResNet, SasaBottleneck, halonet_cfg
 from .mobilenet import attn_in_se_slot
 from .resnet import AttnResNet, ConvAttnBottleneck, PSABottleneck, SKBottleneck, SplatBottleneck
+from .selfattn import SelfAttnResNet, cot_layer
 from .vit import filter_fitting_weights, vit_mixer_layer
 
 __all__ = [
     'attn_in_se_slot', 'AttnResNet', 'AxialBottleneck', 'ContextResNet', 'ConvAttnBottleneck',
     'filter_fitting_weights', 'halonet_cfg', 'LocalAttnResNet', 'PSABottleneck', 'SasaBottleneck', 'SKBottleneck',
     'SplatBottleneck', 'vit_mixer_layer',
+    'SelfAttnResNet', 'cot_layer',
 ]
 
 # timm model-name patterns that TorchScript cannot compile, each with the reason (timm's EXCLUDE_JIT_FILTERS).
