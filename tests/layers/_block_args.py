@@ -12,6 +12,7 @@ SMALL = {
     'ham': dict(rank=4),
     'issa': dict(down_factor=(2, 4)),
     'mixer': dict(num_heads=2),
+    'na': dict(num_heads=2),
     'psa': dict(groups=(1, 1, 2, 2)),
     'sasa': dict(num_heads=2, kernel_size=3),
     'sge': dict(groups=4),

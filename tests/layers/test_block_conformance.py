@@ -34,6 +34,7 @@ ALLOWED = {
     ('sk', 'min_rd_channels'): (0,),  # no floor on the fuse layer's width
     ('outlook', 'attn_drop'): (0.,), ('outlook', 'proj_drop'): (0.,),  # no dropout
     ('mobilevit', 'attn_drop'): (0.,), ('mobilevit', 'drop'): (0.,), ('mobilevit', 'drop_path'): (0.,),
+    ('na', 'attn_drop'): (0.,), ('na', 'proj_drop'): (0.,),  # no dropout
     ('window', 'shift_size'): (0,), ('window_v2', 'shift_size'): (0,),  # W-MSA: windows not shifted
     ('window', 'attn_drop'): (0.,), ('window', 'proj_drop'): (0.,),  # no dropout
     ('window_v2', 'attn_drop'): (0.,), ('window_v2', 'proj_drop'): (0.,),

@@ -31,6 +31,7 @@ from .lambda_layer import LambdaLayer
 from .lightnl import LightNonLocal
 from .mixer2d import MixerAttn2d, sincos_2d
 from .mobilevit import MobileVitBlock
+from .na import NeighborhoodAttn, NeighborhoodAttnNHWC
 from .nl import NonLocal
 from .outlook import OutlookAttn
 from .parnet import SkipSqueezeExcite
@@ -64,6 +65,7 @@ __all__ = [
     'AFNO2d', 'GlobalFilter', 'PoolMixer', 'ShiftMixer', 'SparseMlp', 'SpatialShiftMlp',
     'WindowAttn', 'WindowAttnV2',
     'Hamburger', 'InterlacedSparseSelfAttn', 'KroneckerAttn', 'LightNonLocal',
+    'NeighborhoodAttn', 'NeighborhoodAttnNHWC',
     'ContextualTransformer', 'MobileVitBlock', 'OutlookAttn',
     'ACmix', 'DeformableAttn',
     'BatNonLocalAttn', 'BilinearAttnTransform', 'BottleneckAttn', 'LambdaLayer',

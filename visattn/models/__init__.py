@@ -3,6 +3,7 @@
 from .context import ContextResNet
 from .local import AxialBottleneck, LocalAttnResNet, SasaBottleneck, halonet_cfg
 from .mobilenet import attn_in_se_slot
+from .nat import NAT
 from .resnet import AttnResNet, ConvAttnBottleneck, PSABottleneck, SKBottleneck, SplatBottleneck
 from .selfattn import SelfAttnResNet, cot_layer
 from .vit import filter_fitting_weights, vit_mixer_layer
@@ -12,6 +13,7 @@ __all__ = [
     'filter_fitting_weights', 'halonet_cfg', 'LocalAttnResNet', 'PSABottleneck', 'SasaBottleneck', 'SKBottleneck',
     'SplatBottleneck', 'vit_mixer_layer',
     'SelfAttnResNet', 'cot_layer',
+    'NAT',
 ]
 
 # timm model-name patterns that TorchScript cannot compile, each with the reason (timm's EXCLUDE_JIT_FILTERS).
