@@ -39,6 +39,26 @@ def test_parameter_counts(name, extra):
     assert sum(p.numel() for p in model.parameters()) == RESNET50 + extra
 
 
+@pytest.mark.parametrize('name, cls', [
+    ('resnet50_issa', 'InterlacedSparseSelfAttn'), ('resnet50_lightnl', 'LightNonLocal'),
+    ('resnet50_kronecker', 'KroneckerAttn'), ('resnet50_bat', 'BatNonLocalAttn'),
+])
+def test_second_wave_blocks_sit_in_the_non_local_places(name, cls):
+    model = timm.create_model(name, device='meta')
+    assert [n for n, _ in model.layer2.named_children()] == ['0', '1', 'attn1', '2', '3', 'attn3']
+    assert [n for n, _ in model.layer3.named_children()] == ['0', '1', 'attn1', '2', '3', 'attn3', '4', '5', 'attn5']
+    assert {type(model.layer3.attn5).__name__, type(model.layer2.attn1).__name__} == {cls}
+    assert (model.layer2.attn1.channels, model.layer3.attn5.channels) == (512, 1024)
+
+
+def test_ham_after_the_last_stage():
+    model = timm.create_model('resnet50_ham', device='meta')
+    ham = model.layer4[-1]
+    assert type(ham).__name__ == 'Hamburger' and ham.channels == 2048
+    # the bread: 2048 -> 512 (with bias) -> 2048 (no bias) + BN; NMF has no parameters
+    assert sum(p.numel() for p in model.parameters()) == RESNET50 + _conv(2048, 512) + _conv(512, 2048, False) + 4096
+
+
 def test_block_placement():
     nl = timm.create_model('resnet50_nl', device='meta')
     assert [n for n, _ in nl.layer2.named_children()] == ['0', '1', 'attn1', '2', '3', 'attn3']

@@ -12,6 +12,14 @@
   A²-Net ResNet-50 of "A²-Nets: Double Attention Networks" (arXiv:1810.11579), which compares its blocks with
   non-local ones in the same backbone (32.91M parameters; the paper's table could not be checked for the exact
   placement, so this follows the non-local paper's five places).
+- ``resnet50_issa``, ``resnet50_lightnl``, ``resnet50_kronecker``, ``resnet50_bat``: interlaced sparse
+  self-attention (arXiv:1907.12273), AutoNL's lightweight non-local (arXiv:2004.01961), Kronecker attention
+  (arXiv:2007.08442) and timm's grouped bilinear attentional non-local (BAT, CVPR 2020) in the same five places:
+  each paper presents its block as a cheaper non-local block, and none gives a ResNet-50 ImageNet table of its own
+  (ISA and BAT report segmentation and video; AutoNL and KANets are MobileNet-based). Each block with its defaults:
+  51,304,488 / 25,602,088 / 40,257,576 / 27,650,472 parameters.
+- ``resnet50_ham``: the Hamburger (arXiv:2109.04553) after the last stage, its bread 2048 -> 512 -> 2048 (the
+  width of the released head's Hamburger), where its segmentation head reads the backbone: 27,658,792 parameters.
 - ``resnet50_cc``, ``resnet50_da``, ``resnet50_ema``, ``resnet50_external``: the segmentation-born blocks (CCNet
   arXiv:1811.11721, DANet arXiv:1809.02983, EMANet arXiv:1907.13426, external attention arXiv:2105.02358) after the
   last stage, before pooling, at the full width of ``layer4`` (2048 channels): where their heads read the backbone.
@@ -24,6 +32,7 @@ start fresh.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from typing import Any
 
 import torch.nn as nn
@@ -31,13 +40,18 @@ from timm.models import generate_default_cfgs
 from timm.models.resnet import Bottleneck
 
 from ..layers.a2 import DoubleAttention
+from ..layers.bat import BatNonLocalAttn
 from ..layers.cc import CrissCrossAttention
 from ..layers.da import DualAttention
 from ..layers.efficient import EfficientAttention
 from ..layers.ema import EMAttention
 from ..layers.external import ExternalAttention
+from ..layers.ham import Hamburger
+from ..layers.issa import InterlacedSparseSelfAttn
+from ..layers.kronecker import KroneckerAttn
+from ..layers.lightnl import LightNonLocal
 from ..layers.nl import NonLocal
-from ._builder import build_checked, default_cfg, make_entrypoint
+from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
 from .resnet import AttnResNet
 
 __all__ = ['ContextResNet']
@@ -96,6 +110,16 @@ _MODELS: dict[str, tuple[dict[str, Any], str]] = {
         dict(inner_attn_layer=EfficientAttention, inner_attn_after=_EVERY_OTHER_RES3_RES4), '1812.01243'),
     'resnet50_a2': (
         dict(inner_attn_layer=double_attention_half, inner_attn_after=_EVERY_OTHER_RES3_RES4), '1810.11579'),
+    'resnet50_issa': (
+        dict(inner_attn_layer=InterlacedSparseSelfAttn, inner_attn_after=_EVERY_OTHER_RES3_RES4), '1907.12273'),
+    'resnet50_lightnl': (
+        dict(inner_attn_layer=LightNonLocal, inner_attn_after=_EVERY_OTHER_RES3_RES4), '2004.01961'),
+    'resnet50_kronecker': (
+        dict(inner_attn_layer=KroneckerAttn, inner_attn_after=_EVERY_OTHER_RES3_RES4), '2007.08442'),
+    'resnet50_bat': (
+        dict(inner_attn_layer=BatNonLocalAttn, inner_attn_after=_EVERY_OTHER_RES3_RES4),
+        BatNonLocalAttn.attn_info.paper_url),
+    'resnet50_ham': (dict(stage_attn_layer=partial(Hamburger, ham_channels=512), stage_attn_after=(4,)), '2109.04553'),
     'resnet50_cc': (dict(stage_attn_layer=CrissCrossAttention, stage_attn_after=(4,)), '1811.11721'),
     'resnet50_da': (dict(stage_attn_layer=DualAttention, stage_attn_after=(4,)), '1809.02983'),
     'resnet50_ema': (dict(stage_attn_layer=EMAttention, stage_attn_after=(4,)), '1907.13426'),
@@ -111,4 +135,4 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ContextRes
 
 
 for _name, (_args, _arxiv) in _MODELS.items():
-    make_entrypoint(_name, __name__, _create, f'{_name} (arXiv:{_arxiv}); see the docstring of {__name__}.')
+    make_entrypoint(_name, __name__, _create, f'{_name} ({paper_id(_arxiv)}); see the docstring of {__name__}.')
