@@ -34,11 +34,27 @@ import statistics
 import time
 from multiprocessing.connection import Connection
 
-NAMES = ['cc', 'da', 'da_position', 'da_channel', 'sasa', 'halo', 'axial', 'efficient', 'nl', 'ema', 'external']
+import torch
+from torch import nn
+
+FIRST_WAVE = ['cc', 'da', 'da_position', 'da_channel', 'sasa', 'halo', 'axial', 'efficient', 'nl', 'ema', 'external']
+SECOND_WAVE = ['na', 'window', 'window_v2', 'lambda', 'bottleneck', 'bat', 'issa', 'ham', 'lightnl', 'kronecker', 'cot',
+               'outlook', 'acmix', 'deformable', 'mobilevit', 'gfnet', 'afno', 'poolformer', 'shift', 's2mlp', 'smlp']
+NAMES = FIRST_WAVE + SECOND_WAVE
 # name -> (time, memory) ratio predicted when H and W double
 EXPECTED_GROWTH = {
     'cc': (8, 8), 'axial': (8, 8), 'sasa': (4, 4), 'halo': (4, 4), 'efficient': (4, 4), 'ema': (4, 4),
     'external': (4, 4), 'da_channel': (4, 4), 'nl': (16, 4), 'da': (16, 16), 'da_position': (16, 16),
+    # second wave: fixed windows / kernels / ranks are linear in HW
+    'na': (4, 4), 'window': (4, 4), 'window_v2': (4, 4), 'lambda': (4, 4), 'cot': (4, 4), 'outlook': (4, 4),
+    'acmix': (4, 4), 'poolformer': (4, 4), 'shift': (4, 4), 's2mlp': (4, 4), 'bat': (4, 4), 'ham': (4, 4),
+    'lightnl': (4, 4), 'kronecker': (4, 4), 'gfnet': (4, 4), 'afno': (4, 4),
+    'bottleneck': (16, 16), 'deformable': (16, 16), 'mobilevit': (16, 4), 'issa': (16, 4), 'smlp': (8, 4),
+}
+# Arguments some blocks need at some shape, beside their registry defaults: constructor keyword arguments, and
+# 'batch_at_least' (the smallest batch the block runs in training: cot's fusion BatchNorm needs 2).
+BLOCK_ARGS: dict[str, dict] = {
+    'cot': {'batch_at_least': 2},
 }
 
 
@@ -46,6 +62,14 @@ def _rss_now_kb() -> int:
     with open('/proc/self/statm') as f:
         pages = int(f.read().split()[1])
     return pages * resource.getpagesize() // 1024
+
+
+def _ctor_args(name: str) -> dict:
+    return {k: v for k, v in BLOCK_ARGS.get(name, {}).items() if k != 'batch_at_least'}
+
+
+def _case_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (max(shape[0], BLOCK_ARGS.get(name, {}).get('batch_at_least', 1)), *shape[1:])
 
 
 def worker(spec: dict, conn: Connection) -> None:
@@ -57,7 +81,7 @@ def worker(spec: dict, conn: Connection) -> None:
     torch.set_num_threads(spec['threads'])
     torch.manual_seed(0)
     shape = spec['shape']
-    module = visattn.create_attn(spec['name'], shape[1])
+    module = visattn.create_attn(spec['name'], shape[1], **_ctor_args(spec['name']))
     x = torch.randn(*shape)
     if spec['mode'] == 'fwd':
         module.eval()
@@ -74,7 +98,8 @@ def worker(spec: dict, conn: Connection) -> None:
             module.zero_grad(set_to_none=True)
             module(x).sum().backward()
 
-    tiny = torch.randn(1, shape[1], min(5, shape[2]), min(5, shape[3]), requires_grad=spec['mode'] != 'fwd')
+    tiny = torch.randn(_case_shape(spec['name'], (1,))[0], shape[1], min(5, shape[2]), min(5, shape[3]),
+                       requires_grad=spec['mode'] != 'fwd')
     if spec['mode'] == 'fwd':
         with torch.no_grad():
             module(tiny)  # loads torch's lazily initialised kernels and pools before the baseline
@@ -102,6 +127,7 @@ def _guarded_worker(spec: dict, conn: Connection) -> None:
 
 
 def run_case(name: str, shape: tuple[int, ...], mode: str, args: argparse.Namespace) -> dict | None:
+    shape = _case_shape(name, shape)
     spec = dict(name=name, shape=list(shape), mode=mode, threads=args.threads, repeats=args.repeats,
                 warmup=args.warmup)
     ctx = mp.get_context('fork')
@@ -122,6 +148,296 @@ def run_case(name: str, shape: tuple[int, ...], mode: str, args: argparse.Namesp
     return result
 
 
+# ----- side-by-side peers -----
+
+PEERS = ['window', 'window_v2', 'lambda', 'bottleneck', 'bat', 'outlook', 'mobilevit', 'poolformer', 'na']
+PEER_NOTES = {
+    'window': "timm's SwinTransformerBlock pieces on NCHW: permute, roll, window_partition, WindowAttention with the "
+              "block's SW-MSA mask, window_reverse, roll back, permute (window 7, shift 3, 8 heads)",
+    'window_v2': "the same with timm's SwinTransformerV2Block pieces (window 7, shift 3, 8 heads)",
+    'lambda': 'timm.layers.LambdaLayer(r=9, 4 heads, dim_head 16); ours LambdaLayer.from_timm (r=9, bias, 2x2 pool)',
+    'bottleneck': 'timm.layers.BottleneckAttn(feat_size=(H, W), 4 heads); ours BottleneckAttn.from_timm',
+    'bat': 'timm.layers.BatNonLocalAttn(block_size=7, groups=2, drop_rate=0); ours the same arguments',
+    'outlook': 'timm.models.volo.OutlookAttention(8 heads, k=3) on channels-last input: the two permutes NCHW <-> '
+               'NHWC are counted in its time (what a user with NCHW maps pays)',
+    'mobilevit': 'timm.models.mobilevit.MobileVitBlock(patch_size=2, SiLU conv-norm-act as its models build it)',
+    'poolformer': 'timm.models.metaformer.Pooling(pool_size=3)',
+    'na': "natten.NeighborhoodAttention2D(8 heads, k=7) on NHWC (permutes counted); ours rel_pos_bias=False "
+          "(natten >= 0.20 has no rpb). natten's CPU path (FlexAttention) has no backward and no float64: "
+          'forward only, checked in float32',
+}
+# pairs run at a multiple of their window / band at the large shape (timm asserts it or pads differently)
+PEER_LARGE_HW = {'window': 98, 'window_v2': 98, 'bat': 98}
+
+
+class _NCHW(nn.Module):
+    """A channels-last module on NCHW maps, the permutes included."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _TimmWindows(nn.Module):
+    """timm's Swin attention step on NCHW maps (H, W multiples of the window, as timm's block needs): its cyclic
+    shift, ``window_partition``, ``WindowAttention`` with its block's mask, ``window_reverse``, the roll back."""
+
+    def __init__(self, block, mod):
+        super().__init__()
+        self.attn, self.mod = block.attn, mod
+        self.register_buffer('mask', block.attn_mask, persistent=False)
+        self.window, self.shift = block.window_size, block.shift_size
+
+    def forward(self, x):
+        (wh, ww), (sh, sw) = self.window, self.shift
+        B, C, H, W = x.shape
+        t = x.permute(0, 2, 3, 1)
+        t = torch.roll(t, (-sh, -sw), (1, 2)) if sh or sw else t
+        out = self.attn(self.mod.window_partition(t, (wh, ww)).view(-1, wh * ww, C), mask=self.mask)
+        out = out.view(-1, wh, ww, C)
+        if self.mod.__name__.endswith('v2'):
+            t = self.mod.window_reverse(out, (wh, ww), (H, W))
+        else:
+            t = self.mod.window_reverse(out, (wh, ww), H, W)
+        t = torch.roll(t, (sh, sw), (1, 2)) if sh or sw else t
+        return t.permute(0, 3, 1, 2)
+
+
+def build_pair(pair: str, C: int, H: int, W: int, randomize: bool = False):
+    """(ours, theirs), the same function where the pair is 'same'; ``randomize`` perturbs theirs' parameters and
+    BN statistics before they are copied into ours (for the check)."""
+    import functools
+
+    import torch
+
+    import visattn
+
+    def perturb(m):
+        if randomize:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 0.1)
+                for n, b in m.named_buffers():
+                    if n.endswith('running_mean'):
+                        b.copy_(torch.randn_like(b) * 0.1)
+                    elif n.endswith('running_var'):
+                        b.copy_(torch.rand_like(b) + 0.5)
+        return m
+
+    if pair in ('window', 'window_v2'):
+        from timm.models import swin_transformer as tv1
+        from timm.models import swin_transformer_v2 as tv2
+        mod, cls = (tv1, tv1.SwinTransformerBlock) if pair == 'window' else (tv2, tv2.SwinTransformerV2Block)
+        block = cls(C, (H, W), num_heads=8, window_size=7, shift_size=3)
+        theirs = _TimmWindows(block, mod)
+        perturb(theirs.attn)
+        ours = visattn.create_attn(pair, C, num_heads=8, window_size=7, shift_size=3)
+        ours.load_state_dict(theirs.attn.state_dict())
+    elif pair == 'lambda':
+        from timm.layers.lambda_layer import LambdaLayer as TimmLambda
+
+        from visattn.layers.lambda_layer import LambdaLayer
+        theirs = perturb(TimmLambda(C, C, r=9, num_heads=4, dim_head=16))
+        ours = LambdaLayer.from_timm(theirs)
+    elif pair == 'bottleneck':
+        from timm.layers.bottleneck_attn import BottleneckAttn as TimmBottleneck
+
+        from visattn.layers.bottleneck import BottleneckAttn
+        theirs = perturb(TimmBottleneck(C, C, feat_size=(H, W), num_heads=4))
+        ours = BottleneckAttn.from_timm(theirs)
+    elif pair == 'bat':
+        from timm.layers.non_local_attn import BatNonLocalAttn as TimmBat
+        theirs = perturb(TimmBat(C, block_size=7, groups=2, drop_rate=0.))
+        ours = visattn.create_attn('bat', C, block_size=7, groups=2, drop_rate=0.)
+        ours.load_state_dict(theirs.state_dict())
+    elif pair == 'outlook':
+        from timm.models.volo import OutlookAttention
+        theirs = _NCHW(perturb(OutlookAttention(C, num_heads=8, kernel_size=3, padding=1)))
+        ours = visattn.create_attn('outlook', C, num_heads=8, kernel_size=3)
+        ours.load_state_dict(theirs.inner.state_dict())
+    elif pair == 'mobilevit':
+        from timm.layers import ConvNormAct
+        from timm.models.byobnet import LayerFn
+        from timm.models.mobilevit import MobileVitBlock as TimmMobileVit
+        layers = LayerFn(conv_norm_act=functools.partial(ConvNormAct, act_layer=torch.nn.SiLU), act=torch.nn.SiLU)
+        theirs = perturb(TimmMobileVit(C, layers=layers, patch_size=2))
+        ours = visattn.create_attn('mobilevit', C, patch_size=2)
+        ours.load_state_dict(theirs.state_dict())
+    elif pair == 'poolformer':
+        from timm.models.metaformer import Pooling
+        theirs, ours = Pooling(pool_size=3), visattn.create_attn('poolformer', C, pool_size=3)
+    elif pair == 'na':
+        import natten
+        theirs = _NCHW(perturb(natten.NeighborhoodAttention2D(C, 8, 7)))
+        ours = visattn.create_attn('na', C, num_heads=8, kernel_size=7, rel_pos_bias=False)
+        ours.load_state_dict(theirs.inner.state_dict())
+    else:
+        raise KeyError(pair)
+    return ours, theirs
+
+
+def _peer_modes(pair: str) -> list[str]:
+    return ['fwd'] if pair == 'na' else ['fwd', 'fwdbwd']
+
+
+def check_pair(pair: str) -> dict:
+    """Same weights, small input: max abs difference of the outputs (eval and train) and, with a random output
+    gradient, of the input gradients (train); float64 (natten: float32)."""
+    import torch
+
+    torch.manual_seed(0)
+    C, H, W = 32, 14, 14
+    dtype = torch.float32 if pair == 'na' else torch.float64
+    ours, theirs = build_pair(pair, C, H, W, randomize=True)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    x = torch.randn(2, C, H, W, dtype=dtype)
+    diffs = {}
+    with torch.no_grad():
+        diffs['eval out'] = (ours.eval()(x) - theirs.eval()(x)).abs().max().item()
+    if 'fwdbwd' in _peer_modes(pair):
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        a, b = ours.train()(xs[0]), theirs.train()(xs[1])
+        diffs['train out'] = (a - b).abs().max().item()
+        g = torch.randn_like(a)
+        (ga,), (gb,) = torch.autograd.grad(a, [xs[0]], g), torch.autograd.grad(b, [xs[1]], g)
+        diffs['train grad x'] = (ga - gb).abs().max().item()
+    return diffs
+
+
+def peer_worker(spec: dict, conn: Connection) -> None:
+    """Both sides in this process, alternating repeats; or, with spec['side'], one side's peak memory."""
+    import torch
+
+    torch.set_num_threads(spec['threads'])
+    torch.manual_seed(0)
+    if spec.get('check'):
+        conn.send(check_pair(spec['pair']))
+        return
+    B, C, H, W = spec['shape']
+    ours, theirs = build_pair(spec['pair'], C, H, W)
+    x = torch.randn(B, C, H, W)
+    fwd = spec['mode'] == 'fwd'
+    mods = {'ours': ours.train(not fwd), 'peer': theirs.train(not fwd)}
+    if not fwd:
+        x.requires_grad_(True)
+        with torch.no_grad():
+            g = torch.randn_like(ours(x))  # a random output gradient (not out.sum()'s constant one)
+
+    def step(m) -> None:
+        if fwd:
+            with torch.no_grad():
+                m(x)
+        else:
+            x.grad = None
+            m.zero_grad(set_to_none=True)
+            m(x).backward(g)
+
+    if spec.get('side'):
+        m = mods[spec['side']]
+        tiny = torch.randn(1, C, 7, 7, requires_grad=not fwd)  # kernels and pools warmed up before the baseline
+        if fwd:
+            with torch.no_grad():
+                m(tiny)
+        elif spec['pair'] not in ('window', 'window_v2', 'bottleneck'):  # theirs are tied to H x W
+            m(tiny).sum().backward()
+            m.zero_grad(set_to_none=True)
+        base_kb = _rss_now_kb()
+        step(m)
+        conn.send({'peak_mib': max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024})
+        return
+    for _ in range(spec['warmup']):
+        step(mods['ours'])
+        step(mods['peer'])
+    times = {'ours': [], 'peer': []}
+    for _ in range(spec['repeats']):
+        for side in ('ours', 'peer'):
+            t0 = time.perf_counter()
+            step(mods[side])
+            times[side].append((time.perf_counter() - t0) * 1e3)
+    conn.send(times)
+
+
+def _guarded_peer_worker(spec: dict, conn: Connection) -> None:
+    try:
+        peer_worker(spec, conn)
+    except Exception as e:
+        conn.send({'error': f'{type(e).__name__}: {e}'})
+
+
+def _run_forked(target, spec: dict, timeout: float, label: str) -> dict | None:
+    ctx = mp.get_context('fork')
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(spec, child))
+    proc.start()
+    child.close()
+    try:
+        result = parent.recv() if parent.poll(timeout) else {'error': f'no result within {timeout} s: skipped'}
+    except EOFError:
+        result = {'error': 'the process died (out of memory?)'}
+    proc.join(1)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if 'error' in result:
+        print(f'  ! {label}: {result["error"]}')
+        return None
+    return result
+
+
+def run_peers(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    pairs = [p for p in args.peer_names if p in PEERS]
+    if 'na' in pairs and importlib.util.find_spec('natten') is None:
+        print('note: natten is not installed (import natten fails): na has no peer here')
+        pairs.remove('na')
+    base = dict(threads=args.threads, repeats=args.repeats, warmup=args.warmup)
+    print(f'\npeers: ours vs the reference implementation in the same process, alternating repeats (ours, peer, '
+          f'ours, ...), {args.repeats} repeats after {args.warmup} warm-up each; fwd: eval, no_grad; fwd+bwd: train, '
+          'backward of a random output gradient; ratio = ours / peer (< 1: ours faster); peak memory: one side per '
+          'fresh process, ru_maxrss high-water minus RSS before the first call')
+    same = {}
+    print('\nsame-function check (same weights, perturbed; input [2, 32, 14, 14]; float64 unless noted)')
+    print('| pair | max abs diff | verdict | peer |\n|---|---|---|---|')
+    for pair in pairs:
+        d = _run_forked(_guarded_peer_worker, dict(base, pair=pair, check=True), args.timeout, f'{pair} check')
+        tol = 1e-5 if pair == 'na' else 1e-8
+        ok = d is not None and max(d.values()) < tol
+        same[pair] = ok
+        diffs = '-' if d is None else ', '.join(f'{k} {v:.1e}' for k, v in d.items())
+        verdict = f"same (< {tol:g}{', float32' if pair == 'na' else ''})" if ok else 'different computation'
+        print(f'| {pair} | {diffs} | {verdict} | {PEER_NOTES[pair]} |', flush=True)
+    shapes = [(2, 16, 14, 14)] if args.quick else [(8, 256, 56, 56), (2, 512, 97, 97)]
+    for shape in shapes:
+        print(f'\n{list(shape)} (window, window_v2, bat at 98x98 in the larger shape: multiples of 7)')
+        print('| pair | mode | ours min ms | peer min ms | ratio min | ours median ms | peer median ms | '
+              'ratio median | ours peak MiB | peer peak MiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+        for pair in pairs:
+            hw = PEER_LARGE_HW.get(pair, shape[2]) if shape[2] > 56 and not args.quick else shape[2]
+            shp = (shape[0], shape[1], hw, hw)
+            for mode in _peer_modes(pair):
+                spec = dict(base, pair=pair, shape=list(shp), mode=mode)
+                t = _run_forked(_guarded_peer_worker, spec, args.timeout, f'{pair} {list(shp)} {mode}')
+                if t is None:
+                    print(f'| {pair} | {mode} | - | - | - | - | - | - | - | - |', flush=True)
+                    continue
+                mem = {}
+                for side in ('ours', 'peer'):
+                    r = _run_forked(_guarded_peer_worker, dict(spec, side=side), args.timeout,
+                                    f'{pair} {list(shp)} {mode} {side} memory')
+                    mem[side] = _fmt(r, 'peak_mib')
+                lo = {k: min(v) for k, v in t.items()}
+                med = {k: statistics.median(v) for k, v in t.items()}
+                tag = '' if same[pair] else ' (different computation)'
+                name = pair if hw == shape[2] else f'{pair} @{hw}'
+                print(f"| {name}{tag} | {mode} | {lo['ours']:.1f} | {lo['peer']:.1f} | {lo['ours'] / lo['peer']:.2f} | "
+                      f"{med['ours']:.1f} | {med['peer']:.1f} | {med['ours'] / med['peer']:.2f} | {mem['ours']} | "
+                      f"{mem['peer']} |", flush=True)
+
+
 def _fmt(case: dict | None, key: str) -> str:
     return '-' if case is None else f'{case[key]:.1f}'
 
@@ -137,9 +453,10 @@ def main() -> None:
                         help='smaller shape of the growth comparison (default 1 64 48 48; --quick 1 16 8 8)')
     parser.add_argument('--skip-shapes', action='store_true', help='only the growth comparison')
     parser.add_argument('--timeout', type=float, default=1800, help='seconds allowed to one case')
+    parser.add_argument('--peers', action='store_true',
+                        help='only the side-by-side section: ours vs timm / natten, same process, alternating')
+    parser.add_argument('--peer-names', nargs='+', default=PEERS, help='pairs of the --peers section')
     args = parser.parse_args()
-
-    import torch
 
     import visattn
 
@@ -154,6 +471,10 @@ def main() -> None:
             print(f'note: {n!r} is not registered (yet); skipped')
     print(f'torch {torch.__version__}, {args.threads} threads, CPU fp32, median of {args.repeats} after '
           f'{args.warmup} warm-up; peak = ru_maxrss high-water minus RSS before the first call, fresh process per case')
+    print(f'block arguments beside the defaults (BLOCK_ARGS): {BLOCK_ARGS}')
+    if args.peers:
+        run_peers(args)
+        return
 
     for shape in [] if args.skip_shapes else shapes:
         print(f'\n{list(shape)}')

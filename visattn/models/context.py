@@ -20,6 +20,8 @@
   51,304,488 / 25,602,088 / 40,257,576 / 27,650,472 parameters.
 - ``resnet50_ham``: the Hamburger (arXiv:2109.04553) after the last stage, its bread 2048 -> 512 -> 2048 (the
   width of the released head's Hamburger), where its segmentation head reads the backbone: 27,658,792 parameters.
+  Its NMF starts from fixed bases (``rand_init=False``) so that the backbone is deterministic (the paper draws new
+  random bases at every forward, as the ``ham`` head does).
 - ``resnet50_cc``, ``resnet50_da``, ``resnet50_ema``, ``resnet50_external``: the segmentation-born blocks (CCNet
   arXiv:1811.11721, DANet arXiv:1809.02983, EMANet arXiv:1907.13426, external attention arXiv:2105.02358) after the
   last stage, before pooling, at the full width of ``layer4`` (2048 channels): where their heads read the backbone.
@@ -119,7 +121,9 @@ _MODELS: dict[str, tuple[dict[str, Any], str]] = {
     'resnet50_bat': (
         dict(inner_attn_layer=BatNonLocalAttn, inner_attn_after=_EVERY_OTHER_RES3_RES4),
         BatNonLocalAttn.attn_info.paper_url),
-    'resnet50_ham': (dict(stage_attn_layer=partial(Hamburger, ham_channels=512), stage_attn_after=(4,)), '2109.04553'),
+    'resnet50_ham': (
+        dict(stage_attn_layer=partial(Hamburger, ham_channels=512, rand_init=False), stage_attn_after=(4,)),
+        '2109.04553'),
     'resnet50_cc': (dict(stage_attn_layer=CrissCrossAttention, stage_attn_after=(4,)), '1811.11721'),
     'resnet50_da': (dict(stage_attn_layer=DualAttention, stage_attn_after=(4,)), '1809.02983'),
     'resnet50_ema': (dict(stage_attn_layer=EMAttention, stage_attn_after=(4,)), '1907.13426'),
