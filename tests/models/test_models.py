@@ -15,6 +15,7 @@ MODELS = visattn.list_models()
 # the deepest variants repeat their depth-50 sibling's blocks: run with -m slow
 DEEP = ('resnet101_', 'resnet152_', 'epsanet101', 'sknet101')
 DEEP += ('nat_tiny', 'nat_small', 'nat_base', 'dinat_tiny', 'dinat_small', 'dinat_base')  # NAT/DiNAT: *_mini by default
+DEEP += ('dat_small', 'dat_base')  # DAT: dat_tiny by default
 MODEL_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith(DEEP) else n for n in MODELS]
 
 

@@ -1,6 +1,7 @@
 """Backbones registered with timm on import."""
 
 from .context import ContextResNet
+from .dat import DAT
 from .local import AxialBottleneck, LocalAttnResNet, SasaBottleneck, halonet_cfg
 from .mobilenet import attn_in_se_slot
 from .nat import NAT
@@ -14,6 +15,7 @@ __all__ = [
     'SplatBottleneck', 'vit_mixer_layer',
     'SelfAttnResNet', 'cot_layer',
     'NAT',
+    'DAT',
 ]
 
 # timm model-name patterns that TorchScript cannot compile, each with the reason (timm's EXCLUDE_JIT_FILTERS).
