@@ -16,6 +16,7 @@ MODELS = visattn.list_models()
 DEEP = ('resnet101_', 'resnet152_', 'epsanet101', 'sknet101')
 DEEP += ('nat_tiny', 'nat_small', 'nat_base', 'dinat_tiny', 'dinat_small', 'dinat_base')  # NAT/DiNAT: *_mini by default
 DEEP += ('dat_small', 'dat_base')  # DAT: dat_tiny by default
+DEEP += ('gfnet_xs', 'gfnet_s', 'gfnet_b', 'gfnet_h_s', 'gfnet_h_b')  # GFNet: gfnet_ti, gfnet_h_ti by default
 MODEL_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith(DEEP) else n for n in MODELS]
 
 

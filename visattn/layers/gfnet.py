@@ -34,12 +34,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor
 
 from .._utils import check_channels, check_feat_size, check_nchw
 from ..registry import register
 
-__all__ = ['GlobalFilter', 'global_filter', 'resize_global_filter']
+__all__ = ['GlobalFilter', 'GlobalFilterNHWC', 'global_filter', 'resize_global_filter']
 
 
 def global_filter(x: Tensor, weight: Tensor, channels_last: bool = False) -> Tensor:
@@ -115,3 +116,22 @@ class GlobalFilter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_nchw(x, self.channels, 'GlobalFilter')
         return global_filter(x, self.filter_for(x.shape[2], x.shape[3]))
+
+    def forward_nhwc(self, x: Tensor) -> Tensor:
+        """The filter on a channels-last map ``x`` [B, H, W, C] -> [B, H, W, C] (GFNet's layout)."""
+        return global_filter(x, self.filter_for(x.shape[1], x.shape[2]), channels_last=True)
+
+
+@register_notrace_module
+class GlobalFilterNHWC(GlobalFilter):
+    """`GlobalFilter` on channels-last maps: ``forward`` is `forward_nhwc` (the layer of the GFNet models). A class
+    of its own so that timm's ``torch.fx`` tracer keeps it a leaf module, as every visattn block.
+
+    Shapes:
+        x: [B, H, W, C] -> [B, H, W, C], any H and W.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.channels:
+            raise ValueError(f'GlobalFilterNHWC: x must be [B, H, W, {self.channels}], got shape {list(x.shape)}')
+        return self.forward_nhwc(x)

@@ -2,6 +2,7 @@
 
 from .context import ContextResNet
 from .dat import DAT
+from .gfnet import GFNet, GFNetH
 from .local import AxialBottleneck, LocalAttnResNet, SasaBottleneck, halonet_cfg
 from .mobilenet import attn_in_se_slot
 from .nat import NAT
@@ -16,6 +17,7 @@ __all__ = [
     'SelfAttnResNet', 'cot_layer',
     'NAT',
     'DAT',
+    'GFNet', 'GFNetH',
 ]
 
 # timm model-name patterns that TorchScript cannot compile, each with the reason (timm's EXCLUDE_JIT_FILTERS).
