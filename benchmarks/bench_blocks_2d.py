@@ -1,12 +1,16 @@
-"""CPU time and peak memory of the context and local 2-D blocks, and how both grow when H and W double.
+"""CPU time and peak memory of the context and local 2-D blocks, how both grow when H and W double, and (``--peers``)
+how the blocks that have a reference implementation compare with it side by side.
 
     python benchmarks/bench_blocks_2d.py            # [2, 512, 97, 97] and [8, 256, 56, 56]; growth 48² -> 96²
     python benchmarks/bench_blocks_2d.py --quick    # tiny shapes, a smoke run
     python benchmarks/bench_blocks_2d.py --names cc efficient --threads 8
+    python benchmarks/bench_blocks_2d.py --peers --timeout 60    # ours vs timm / natten only
 
-Blocks are built by registry name with their defaults (``visattn.create_attn(name, C)``); a name that is not
-registered is skipped with a note. Every case runs in a fresh process, forked from the parent after torch and
-visattn are imported (and before the parent runs any torch op), so that each starts with its own high-water mark:
+Blocks are built by registry name with their defaults (``visattn.create_attn(name, C)``), plus what ``BLOCK_ARGS``
+gives (printed in the output; cot's fusion BatchNorm needs a batch of 2 in training, so its growth cases use B = 2);
+a name that is not registered is skipped with a note. Every case runs in a fresh process, forked from the parent
+after torch and visattn are imported (and before the parent runs any torch op), so that each starts with its own
+high-water mark; a case that gives no result within ``--timeout`` seconds is skipped with a note:
 
 - time: median of ``--repeats`` calls after warm-up, forward under ``torch.no_grad()`` in eval mode, and
   forward + backward (of ``out.sum()``) in training mode;
@@ -18,11 +22,38 @@ visattn are imported (and before the parent runs any torch op), so that each sta
   of freed pages, so small cases (a few MB) read as noise.
 
 Growth: the ratio of time and memory at 2H×2W over H×W, printed beside the ratio the mechanism's complexity
-predicts: cc and axial (whole-axis span) HW·(H+W), 8×; sasa, halo (k² and b fixed), efficient, ema, external
-(K, S fixed) and da_channel HW, 4×; nl, da and da_position (HW)², 16× in time. In memory nl predicts 4×, not 16×:
-it runs in ``scaled_dot_product_attention``, whose flash kernels never hold the (HW)² matrix; da's position
+predicts (``EXPECTED_GROWTH``): cc and axial (whole-axis span) HW·(H+W), 8×; sasa, halo (k² and b fixed), efficient,
+ema, external (K, S fixed) and da_channel HW, 4×; nl, da and da_position (HW)², 16× in time. In memory nl predicts 4×,
+not 16×: it runs in ``scaled_dot_product_attention``, whose flash kernels never hold the (HW)² matrix; da's position
 branch does (its value is wider than its query, which the fused CPU kernel does not take). The memory of small
-cases is dominated by HW·C activations, which grow 4×.
+cases is dominated by HW·C activations, which grow 4×. Second wave:
+
+- 4× (linear in HW: a fixed window, kernel, band count or rank): na, window, window_v2 (k², M² fixed), lambda (its
+  r×r position lambda and the [k, v] content lambda), cot, outlook, acmix (k², k_att² fixed), poolformer, shift,
+  s2mlp, bat (b×b band attention, b fixed: HW·C·b), ham (NMF with rank r and K steps fixed: HW·r·d·K), lightnl
+  (r = s = 1 takes the associative order x_c (x_scᵀ x_s): HW·C²), kronecker (KAO_QKV: HW·C + (H+W)²·C), gfnet and
+  afno (HW log HW for the FFTs, ~4.7× from 48² to 96², plus per-frequency channel work HW·C);
+- smlp: HW·(H+W)·C for the row and column maps, 8× in time; it holds no HW·(H+W) tensor, 4× in memory;
+- issa: O(HW·(HW/P + P)·C) with the block P = 8×8 fixed: 16× asymptotically (about 8× from 48² to 96², where
+  HW/P + P goes from 100 to 208); the steps run in ``scaled_dot_product_attention``, 4× in memory;
+- mobilevit: attention of HW/p² patches for each of the p² pixel positions, (HW/p²)²·p² = (HW)²/p², 16× in time
+  (its convolutions and MLPs are 4×); in ``scaled_dot_product_attention``, 4× in memory;
+- bottleneck: (HW)², 16× in time, and 16× in memory too: its relative logits are a [B, heads, HW, HW] float mask
+  handed to ``scaled_dot_product_attention`` (the flash path saves the softmax, not the mask);
+- deformable: dense attention of HW queries over HW sampled keys at r = 1, with a [B, heads, HW, HW] bias sampled
+  by ``grid_sample``, computed as baddbmm + softmax on a CPU: 16× in time and memory.
+
+Peers (``--peers``): for window, window_v2, lambda, bottleneck, bat, outlook, mobilevit, poolformer (timm) and na
+(natten, when ``import natten`` works; else a note), both modules with the same weights, in one forked process per
+case, timed alternately (ours, peer, ours, peer, ...): forward under no_grad in eval mode, forward + backward in
+training mode with the backward of a random output gradient (not ``.sum()``); min and median of the repeats and
+their ratio ours / peer, at [8, 256, 56, 56] and [2, 512, 97, 97] (98×98 for window, window_v2 and bat, which
+timm only runs at multiples of the window or band). Each pair is first checked to compute the same function
+(perturbed weights, float64, [2, 64, 14, 14]: max abs difference of the eval and train outputs and of the input
+gradient, < 1e-8, else it is marked 'different computation'; natten's CPU path has only float32 and no backward,
+so na is forward only, checked to 1e-5). Peak memory is measured per side in its own fresh process as above.
+``PEER_NOTES`` (printed) says how each peer is called; timm's channels-last modules (outlook's ``OutlookAttention``,
+natten) get the NCHW <-> NHWC permutes counted in their time, as a user with NCHW maps pays them.
 """
 
 from __future__ import annotations
@@ -289,7 +320,7 @@ def check_pair(pair: str) -> dict:
     import torch
 
     torch.manual_seed(0)
-    C, H, W = 32, 14, 14
+    C, H, W = 64, 14, 14  # natten's CPU path needs heads of >= 8 channels
     dtype = torch.float32 if pair == 'na' else torch.float64
     ours, theirs = build_pair(pair, C, H, W, randomize=True)
     ours, theirs = ours.to(dtype), theirs.to(dtype)
@@ -338,10 +369,12 @@ def peer_worker(spec: dict, conn: Connection) -> None:
     if spec.get('side'):
         m = mods[spec['side']]
         tiny = torch.randn(1, C, 7, 7, requires_grad=not fwd)  # kernels and pools warmed up before the baseline
-        if fwd:
+        if spec['pair'] in ('window', 'window_v2', 'bottleneck'):
+            pass  # timm's modules are tied to H x W: no warm-up on either side
+        elif fwd:
             with torch.no_grad():
                 m(tiny)
-        elif spec['pair'] not in ('window', 'window_v2', 'bottleneck'):  # theirs are tied to H x W
+        else:
             m(tiny).sum().backward()
             m.zero_grad(set_to_none=True)
         base_kb = _rss_now_kb()
@@ -400,7 +433,7 @@ def run_peers(args: argparse.Namespace) -> None:
           'backward of a random output gradient; ratio = ours / peer (< 1: ours faster); peak memory: one side per '
           'fresh process, ru_maxrss high-water minus RSS before the first call')
     same = {}
-    print('\nsame-function check (same weights, perturbed; input [2, 32, 14, 14]; float64 unless noted)')
+    print('\nsame-function check (same weights, perturbed; input [2, 64, 14, 14]; float64 unless noted)')
     print('| pair | max abs diff | verdict | peer |\n|---|---|---|---|')
     for pair in pairs:
         d = _run_forked(_guarded_peer_worker, dict(base, pair=pair, check=True), args.timeout, f'{pair} check')
