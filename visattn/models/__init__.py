@@ -8,6 +8,8 @@ from .mobilenet import attn_in_se_slot
 from .nat import NAT
 from .resnet import AttnResNet, ConvAttnBottleneck, PSABottleneck, SKBottleneck, SplatBottleneck
 from .selfattn import SelfAttnResNet, cot_layer
+from .shiftvit import ShiftViT
+from .smlpnet import SMLPNet
 from .vit import filter_fitting_weights, vit_mixer_layer
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     'NAT',
     'DAT',
     'GFNet', 'GFNetH',
+    'ShiftViT',
+    'SMLPNet',
 ]
 
 # timm model-name patterns that TorchScript cannot compile, each with the reason (timm's EXCLUDE_JIT_FILTERS).
