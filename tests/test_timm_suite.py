@@ -86,7 +86,10 @@ def test_timm_suite_every_model() -> None:
 def test_prepared_suite_extends_timm_lists(tmp_path: Path) -> None:
     _require_sdist()
     test = timm_suite.prepare(tmp_path).read_text()
-    assert "FEAT_INTER_FILTERS = ['context', 'local', 'mobilenet', 'resnet', 'vit'] + [" in test
+    # every module of visattn.models that registers models (each file but the builder) extends timm's list
+    files = sorted(p.stem for p in (ROOT / 'visattn' / 'models').glob('*.py') if not p.stem.startswith('_'))
+    assert {'resnet', 'vit', 'nat'} <= set(files)
+    assert f'FEAT_INTER_FILTERS = {files!r} + [' in test
     assert 'EXCLUDE_JIT_FILTERS = ' in test
     proc = subprocess.run(
         [sys.executable, str(ROOT / 'tools' / 'timm_suite.py'), '--models', 'resnet18_se', '--', '--co'],
