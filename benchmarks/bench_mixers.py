@@ -64,7 +64,7 @@ def run_case(name: str, n: int, dim: int, heads: int, repeats: int, threads: int
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    kw = {'seq_len': n} if visattn.info(name).requires_seq_len else {}
+    kw = visattn.mixers.length_kwargs(name, n)
     mixer = visattn.create_mixer(name, dim, num_heads=heads, **kw).eval()
     x = torch.randn(1, n, dim)
     with torch.inference_mode():

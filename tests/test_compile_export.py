@@ -16,6 +16,7 @@ import timm
 import torch
 
 import visattn
+from visattn.mixers import length_kwargs
 from visattn.registry import _ENTRIES
 
 sys.path.insert(0, str(Path(__file__).parent / 'layers'))
@@ -45,7 +46,7 @@ def _block(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def _mixer(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
-    kw = dict(seq_len=N) if visattn.info(f'mixer:{name}').requires_seq_len else {}
+    kw = length_kwargs(name, N)
     return visattn.create_mixer(name, DIM, num_heads=HEADS, **kw), torch.randn(2, N, DIM)
 
 

@@ -8,12 +8,15 @@ from .registry import (
     AttnInfo,
     UnknownNameError,
     create_attn,
+    create_ffn,
     create_mixer,
     get_attn,
+    get_ffn,
     get_mixer,
     info,
     list_attn,
     list_families,
+    list_ffns,
     list_mixers,
     list_models,
     register,
@@ -38,7 +41,7 @@ def _register_fx_leaves() -> None:
 _register_fx_leaves()
 
 __all__ = [
-    'AttnInfo', 'UnknownNameError', 'create_attn', 'create_mixer', 'get_attn', 'get_mixer', 'info', 'layers',
-    'list_attn', 'list_families', 'list_mixers', 'list_models', 'mixers', 'models', 'register',
-    'ops',
+    'AttnInfo', 'UnknownNameError', 'create_attn', 'create_ffn', 'create_mixer', 'get_attn', 'get_ffn',
+    'get_mixer', 'info', 'layers', 'list_attn', 'list_families', 'list_ffns', 'list_mixers', 'list_models',
+    'mixers', 'models', 'register', 'ops',
 ]

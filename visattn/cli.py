@@ -19,12 +19,15 @@ def markdown_tables() -> str:
     """The README tables of every registered block, mixer and model, generated from the registry."""
     lines = ['| name | kind | family | complexity | paper | arXiv | year | backends |',
              '|---|---|---|---|---|---|---|---|']
-    for kind, names in (('attn', registry.list_attn()), ('mixer', registry.list_mixers())):
+    kinds = (('attn', registry.list_attn()), ('mixer', registry.list_mixers()), ('ffn', registry.list_ffns()))
+    for kind, names in kinds:
         for name in names:
             i = registry.info(f'{kind}:{name}')
-            causal = ', causal' if i.supports_causal else ''
+            what = {'attn': '2-D block', 'mixer': 'token mixer', 'ffn': 'feed-forward'}[kind]
+            what += ', causal' if i.supports_causal else ''
+            what += ', grid' if i.requires_grid else ''
             lines.append(
-                f'| `{name}` | {"2-D block" if kind == "attn" else "token mixer" + causal} | {i.family} | '
+                f'| `{name}` | {what} | {i.family} | '
                 f'{i.complexity} | {i.paper} | [{i.arxiv or "paper"}]({i.url}) | {i.year} | {", ".join(i.backends)} |')
     lines += ['', '| timm model | parameters |', '|---|---:|']
     lines += [f'| `{name}` | {_model_params(name):,} |' for name in registry.list_models()]
@@ -39,7 +42,8 @@ def _format_info(i: registry.AttnInfo) -> str:
         ('backends', ', '.join(i.backends)),
     ]
     if i.kind == 'mixer':
-        fields += [('supports_causal', i.supports_causal), ('requires_seq_len', i.requires_seq_len)]
+        fields += [('supports_causal', i.supports_causal), ('requires_seq_len', i.requires_seq_len),
+                   ('requires_grid', i.requires_grid)]
     return '\n'.join(f'{k:>16}: {v}' for k, v in fields)
 
 
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='visattn', description=__doc__)
     sub = parser.add_subparsers(dest='cmd', required=True)
     p_list = sub.add_parser('list', help='list blocks, mixers or models')
-    p_list.add_argument('--kind', choices=('attn', 'mixer', 'model', 'all'), default='all')
+    p_list.add_argument('--kind', choices=('attn', 'mixer', 'ffn', 'model', 'all'), default='all')
     p_list.add_argument('--family', default=None, help='only this family (blocks and mixers)')
     p_list.add_argument('--markdown', action='store_true', help="print the README's tables")
     p_info = sub.add_parser('info', help="a block's or mixer's paper and properties")
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             mixer_family = args.family is None or args.family in registry.list_families('mixer')
             if args.kind in ('mixer', 'all') and mixer_family:
                 print('\n'.join(f'mixer  {n}' for n in registry.list_mixers(family=args.family)))
+            ffn_family = args.family is None or args.family in registry.list_families('ffn')
+            if args.kind in ('ffn', 'all') and ffn_family:
+                print('\n'.join(f'ffn    {n}' for n in registry.list_ffns(args.family)))
             if args.kind in ('model', 'all') and args.family is None:
                 print('\n'.join(f'model  {n}' for n in registry.list_models()))
     except (KeyError, ValueError) as e:

@@ -1,7 +1,8 @@
 """The one registry of visattn: name -> class, with the paper's metadata (`AttnInfo`) beside each class.
 
-Two kinds of entries share it: 2-D blocks (``kind='attn'``, NCHW in and out) and 1-D token mixers
-(``kind='mixer'``, [B, N, C] in and out). Models registered with timm by visattn are recorded here too,
+Three kinds of entries share it: 2-D blocks (``kind='attn'``, NCHW in and out), 1-D token mixers
+(``kind='mixer'``, [B, N, C] in and out) and layers for a ViT's feed-forward slot (``kind='ffn'``, timm's
+``mlp_layer=``, [B, N, C] in and out). Models registered with timm by visattn are recorded here too,
 so that ``visattn.list_models()`` names exactly what importing visattn added to timm.
 """
 
@@ -15,10 +16,12 @@ import torch.nn as nn
 
 __all__ = [
     'AttnInfo', 'UnknownNameError', 'register', 'get_attn', 'create_attn', 'list_attn', 'get_mixer',
-    'create_mixer', 'list_mixers', 'info', 'list_models', 'list_families', 'register_model_name',
+    'create_mixer', 'list_mixers', 'get_ffn', 'create_ffn', 'list_ffns', 'info', 'list_models', 'list_families',
+    'register_model_name',
 ]
 
-KINDS = ('attn', 'mixer')
+KINDS = ('attn', 'mixer', 'ffn')
+_WHAT = {'attn': 'attention block', 'mixer': 'token mixer', 'ffn': 'feed-forward layer'}
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,12 @@ class AttnInfo:
         year: year of the paper.
         family: ``'channel'``, ``'spatial'``, ``'context'``, ``'local'``, ``'linear'``, ...
         complexity: cost in N = H·W (blocks) or N tokens (mixers), e.g. ``'O(N·C)'``.
-        kind: ``'attn'`` for a 2-D block, ``'mixer'`` for a 1-D token mixer.
+        kind: ``'attn'`` for a 2-D block, ``'mixer'`` for a 1-D token mixer, ``'ffn'`` for a feed-forward layer.
         backends: the implementations available, ``('torch',)`` or ``('torch', 'triton')``.
         supports_causal: the mixer honours ``is_causal=True``.
         requires_seq_len: the mixer needs ``seq_len=`` at construction.
+        requires_grid: the mixer needs the token grid: ``feat_size=(H, W)`` and ``num_prefix_tokens`` at
+            construction (see `visattn.mixers.GridMixer`).
         cls_name: qualified name of the class.
         paper_url: where a paper without an arXiv id is published.
     """
@@ -50,6 +55,7 @@ class AttnInfo:
     backends: tuple[str, ...] = ('torch',)
     supports_causal: bool = False
     requires_seq_len: bool = False
+    requires_grid: bool = False
     cls_name: str = field(default='', compare=False)
     paper_url: str = ''
 
@@ -87,6 +93,7 @@ def register(
         backends: tuple[str, ...] = ('torch',),
         supports_causal: bool = False,
         requires_seq_len: bool = False,
+        requires_grid: bool = False,
         paper_url: str = '',
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator that registers a block or mixer under ``name`` and sets ``cls.attn_info``."""
@@ -101,7 +108,7 @@ def register(
         meta = AttnInfo(
             name=name, paper=paper, arxiv=arxiv, year=year, family=family, complexity=complexity, kind=kind,
             backends=tuple(backends), supports_causal=supports_causal, requires_seq_len=requires_seq_len,
-            cls_name=f'{cls.__module__}.{cls.__qualname__}', paper_url=paper_url,
+            requires_grid=requires_grid, cls_name=f'{cls.__module__}.{cls.__qualname__}', paper_url=paper_url,
         )
         _ENTRIES[kind][name] = (cls, meta)
         if 'attn_info' not in cls.__dict__:  # its own, not a registered base class's
@@ -117,7 +124,7 @@ def _lookup(name: str, kind: str) -> tuple[type[nn.Module], AttnInfo]:
     entries = _ENTRIES[kind]
     key = name.lower()
     if key not in entries:
-        raise _unknown(name, list(entries), 'attention block' if kind == 'attn' else 'token mixer')
+        raise _unknown(name, list(entries), _WHAT[kind])
     return entries[key]
 
 
@@ -150,6 +157,24 @@ def create_mixer(name: str | type[nn.Module], dim: int, num_heads: int = 8, **kw
     return get_mixer(name)(dim, num_heads=num_heads, **kwargs)
 
 
+def get_ffn(name: str | type[nn.Module]) -> type[nn.Module]:
+    """The class of the feed-forward layer ``name``; usable as timm ViT's ``mlp_layer=``."""
+    if isinstance(name, type) and issubclass(name, nn.Module):
+        return name
+    return _lookup(name, 'ffn')[0]
+
+
+def create_ffn(name: str | type[nn.Module], in_features: int, hidden_features: int | None = None,
+               **kwargs) -> nn.Module:
+    """Build the feed-forward layer ``name``: ``[B, N, in_features] -> [B, N, out_features]``."""
+    return get_ffn(name)(in_features, hidden_features, **kwargs)
+
+
+def list_ffns(family: str | None = None) -> list[str]:
+    """Names of the registered feed-forward layers (timm ViT's ``mlp_layer=``)."""
+    return _list('ffn', family)
+
+
 def list_families(kind: str = 'attn') -> list[str]:
     """The families that the registered entries of ``kind`` belong to."""
     return sorted({meta.family for _, meta in _ENTRIES[kind].values()})
@@ -175,7 +200,8 @@ def list_mixers(causal: bool | None = None, family: str | None = None) -> list[s
 
 
 def info(name: str) -> AttnInfo:
-    """The `AttnInfo` of a block or mixer. ``'attn:<name>'`` / ``'mixer:<name>'`` pick the kind when both exist."""
+    """The `AttnInfo` of a block, mixer or feed-forward layer. ``'attn:<name>'`` / ``'mixer:<name>'`` /
+    ``'ffn:<name>'`` pick the kind when several have the name."""
     if not isinstance(name, str):
         raise TypeError(f'name must be a str, got {type(name).__name__}')
     kind, _, short = name.rpartition(':')
@@ -186,7 +212,7 @@ def info(name: str) -> AttnInfo:
     for kind in KINDS:
         if name.lower() in _ENTRIES[kind]:
             return _ENTRIES[kind][name.lower()][1]
-    raise _unknown(name, [n for kind in KINDS for n in _ENTRIES[kind]], 'block or mixer')
+    raise _unknown(name, [n for kind in KINDS for n in _ENTRIES[kind]], 'block, mixer or feed-forward layer')
 
 
 def register_model_name(name: str) -> None:

@@ -6,14 +6,19 @@ import timm
 import torch
 
 import visattn
-from visattn.models.vit import vit_mixer_layer
+from visattn.mixers import length_kwargs
+from visattn.models.vit import track_grid, vit_mixer_layer
 
 MIXERS = visattn.list_mixers()
 DIM, HEADS = 32, 4
 
 
-def _build(name: str, seq_len: int = 24, **kw) -> torch.nn.Module:
-    if visattn.info(f'mixer:{name}').requires_seq_len:
+def _build(name: str, seq_len: int = 24, n: int | None = None, **kw) -> torch.nn.Module:
+    """The mixer for inputs of ``n`` tokens (default ``seq_len``): fixed-length mixers get ``seq_len``, grid
+    mixers the grid of ``n`` tokens."""
+    if visattn.info(f'mixer:{name}').requires_grid:
+        kw = {**length_kwargs(name, seq_len if n is None else n), **kw}
+    elif visattn.info(f'mixer:{name}').requires_seq_len:
         kw.setdefault('seq_len', seq_len)
     return visattn.create_mixer(name, DIM, num_heads=HEADS, **kw).eval()
 
@@ -64,7 +69,7 @@ def test_odd_length_batch_one(name):
 
 @pytest.mark.parametrize('name', MIXERS)
 def test_bf16_forward(name):
-    mixer = _build(name, dtype=torch.bfloat16)
+    mixer = _build(name, n=17, dtype=torch.bfloat16)
     out = _run(mixer, torch.randn(2, 17, DIM, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and out.shape == (2, 17, DIM) and torch.isfinite(out).all()
 
@@ -78,8 +83,8 @@ def test_meta_device(name):
 
 @pytest.mark.parametrize('name', MIXERS)
 def test_padding_mask(name):
-    mixer = _build(name)
     N = 20
+    mixer = _build(name, n=N)
     x = torch.randn(3, N, DIM)
     mask = torch.ones(3, N, dtype=torch.bool)
     mask[0, 13:] = False
@@ -100,7 +105,7 @@ def test_padding_mask(name):
 
 @pytest.mark.parametrize('name', MIXERS)
 def test_causality(name):
-    mixer = _build(name)
+    mixer = _build(name, n=20)
     x = torch.randn(2, 20, DIM)
     if not visattn.info(f'mixer:{name}').supports_causal:
         with pytest.raises(ValueError, match='causal'):
@@ -132,3 +137,60 @@ def test_bad_input_is_a_clear_error(name):
         mixer(torch.randn(2, 8, DIM + 1))
     with pytest.raises(ValueError, match='attn_mask'):
         mixer(torch.randn(2, 8, DIM), attn_mask=torch.ones(2, 9, dtype=torch.bool))
+
+
+GRID_MIXERS = [m for m in MIXERS if visattn.info(f'mixer:{m}').requires_grid]
+
+
+@pytest.mark.parametrize('name', GRID_MIXERS)
+def test_grid_mixers_need_and_check_the_grid(name):
+    assert visattn.get_mixer(name).__mro__[1:] and issubclass(visattn.get_mixer(name), visattn.mixers.GridMixer)
+    with pytest.raises(ValueError, match='feat_size'):
+        visattn.create_mixer(name, DIM, num_heads=HEADS)
+    mixer = _build(name, feat_size=(3, 4), num_prefix_tokens=1)
+    with pytest.raises(ValueError, match='3x4'):
+        mixer(torch.randn(1, 12, DIM))
+    with pytest.raises(ValueError, match='num_prefix_tokens'):
+        _build(name, feat_size=(3, 4), num_prefix_tokens=-1)
+
+
+@pytest.mark.parametrize('name', GRID_MIXERS)
+@pytest.mark.parametrize('prefix', [0, 1, 5])
+def test_grid_mixers_prefix_tokens_and_feat_size_at_forward(name, prefix):
+    mixer = _build(name, feat_size=(3, 5), num_prefix_tokens=prefix)
+    x = torch.randn(2, prefix + 15, DIM, requires_grad=True)
+    out = _run(mixer, x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # another grid given at forward equals a mixer built for that grid with the same weights
+    other = _build(name, feat_size=(4, 2), num_prefix_tokens=prefix)
+    other.load_state_dict(mixer.state_dict())
+    x2 = torch.randn(2, prefix + 8, DIM)
+    torch.testing.assert_close(_run(mixer, x2, feat_size=(4, 2)), _run(other, x2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', GRID_MIXERS)
+def test_grid_mixers_in_vit_with_registers_and_dynamic_size(name):
+    """Class and register tokens come from the ViT's arguments; with ``dynamic_img_size`` the grid follows the
+    image: the output equals that of a ViT whose mixers were built for the image's grid, with the same weights."""
+    kw = dict(patch_size=8, embed_dim=32, depth=1, num_heads=4, num_classes=3, reg_tokens=2)
+    model = timm.create_model(f'vit_small_patch16_224_{name}', img_size=32, dynamic_img_size=True, **kw).eval()
+    assert model.blocks[0].attn.num_prefix_tokens == 3 and model.blocks[0].attn.feat_size == (4, 4)
+    x = torch.randn(1, 3, 40, 24)
+    torch.manual_seed(0)
+    out = model(x)
+    assert model.blocks[0].attn.dynamic_grid == (5, 3) and out.shape == (1, 3)
+    fixed = timm.models.VisionTransformer(  # no track_grid: its mixers keep the 5x3 grid they were built for
+        img_size=32, dynamic_img_size=True, attn_layer=vit_mixer_layer(name, (40, 24), 8, num_prefix_tokens=3), **kw)
+    fixed.load_state_dict(model.state_dict())
+    fixed.eval()
+    torch.manual_seed(0)
+    torch.testing.assert_close(fixed(x), out, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match='track_grid'):
+        fixed(torch.randn(1, 3, 32, 32))
+    hand = track_grid(timm.models.VisionTransformer(
+        img_size=32, dynamic_img_size=True, attn_layer=vit_mixer_layer(name, 32, 8, num_prefix_tokens=3), **kw))
+    hand.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    torch.testing.assert_close(hand.eval()(x), out, rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import visattn
+from visattn.mixers import length_kwargs
 
 MIXERS = visattn.list_mixers()
 DIM, HEADS = 8, 2
@@ -41,14 +42,13 @@ SMALL = {
 GRADCHECK_EXCLUDED: dict[str, str] = {}
 
 # Numeric constructor arguments for which 0 is a legitimate value (checked to build and run).
-ZERO_ALLOWED = {'attn_drop', 'proj_drop', 'num_global_blocks', 'num_random_blocks', 'seed', 'decay'}
+ZERO_ALLOWED = {
+    'attn_drop', 'proj_drop', 'num_global_blocks', 'num_random_blocks', 'seed', 'decay', 'num_prefix_tokens',
+}
 
 
 def _kwargs(name: str, seq_len: int) -> dict:
-    kw = dict(SMALL.get(name, {}))
-    if visattn.info(f'mixer:{name}').requires_seq_len:
-        kw['seq_len'] = seq_len
-    return kw
+    return {**SMALL.get(name, {}), **length_kwargs(name, seq_len)}
 
 
 def build(name: str, seq_len: int = 7, **kw) -> torch.nn.Module:

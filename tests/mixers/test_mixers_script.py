@@ -13,6 +13,7 @@ import timm
 import torch
 
 import visattn
+from visattn.mixers import length_kwargs
 from visattn.mixers._sparse_utils import EMPTY_LSE, MASKED, attention_lse
 from visattn.models import NOT_SCRIPTABLE
 
@@ -39,7 +40,7 @@ def test_most_mixers_script():
 
 @pytest.mark.parametrize('name', SCRIPTABLE)
 def test_scripted_mixer_matches_eager(name: str) -> None:
-    kw = dict(seq_len=N) if visattn.info(f'mixer:{name}').requires_seq_len else {}
+    kw = length_kwargs(name, N)
     torch.manual_seed(0)
     mixer = visattn.create_mixer(name, DIM, num_heads=HEADS, **kw).eval()
     scripted = _script(mixer)

@@ -1,6 +1,15 @@
 """1-D token mixers: [B, N, C] in and out, timm ViT ``attn_layer``-compatible; each registered on import."""
 
-from ._base import TokenMixer, combine_masks, masked_softmax, normalize_mask, softmax_attention
+from ._base import (
+    GridMixer,
+    TokenMixer,
+    combine_masks,
+    grid_for_length,
+    length_kwargs,
+    masked_softmax,
+    normalize_mask,
+    softmax_attention,
+)
 from .aft import AFTFull, AFTLocal, AFTSimple
 from .clustering import ClusteredAttention, RoutingAttention
 from .compressed import MemoryCompressedAttention
@@ -8,6 +17,7 @@ from .fourier import FNetMixer
 from .hashing import ReformerAttention
 from .linear import EfficientAttention, FastAttention, LinearAttention, Performer
 from .lowrank import Linformer, Nystromformer
+from .poolformer import PoolGridMixer
 from .probsparse import ProbSparseAttention
 from .sinkhorn import SinkhornAttention
 from .softmax import FullAttention, GroupedQueryAttention, MultiQueryAttention
@@ -38,4 +48,6 @@ __all__ = [
     'softmax_attention', 'SparseFixedAttention', 'SparseStridedAttention', 'StarAttention', 'Synthesizer',
     'SynthesizerDense', 'SynthesizerFactorizedDense', 'SynthesizerFactorizedRandom', 'SynthesizerMixture',
     'SynthesizerRandom', 'TokenMixer',
+    'GridMixer', 'grid_for_length', 'length_kwargs',
+    'PoolGridMixer',
 ]

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_int, check_prob, is_fx_proxy, masked_softmax_fp32, softmax_fp32
+from .._utils import check_feat_size, check_int, check_prob, is_fx_proxy, masked_softmax_fp32, softmax_fp32
 
 
 def normalize_mask(attn_mask: Tensor | None, batch: int, seq_len: int) -> tuple[Tensor | None, Tensor | None]:
@@ -261,3 +261,125 @@ class TokenMixer(nn.Module):
         kpm, dense = self.check_input(x, attn_mask, is_causal)
         q, k, v = self.split_heads(x)
         return self.merge_heads(self.attend(q, k, v, kpm, dense, is_causal))
+
+
+class GridMixer(TokenMixer):
+    """Base class of the token mixers that need the token grid: ``[B, P + H·W, C] -> [B, P + H·W, C]``.
+
+    The first ``P = num_prefix_tokens`` tokens are timm's class and register tokens; the other ``H·W`` are the
+    patch tokens in row-major order. Each mechanism says in its docstring what the prefix tokens see and how they
+    are seen (by default they attend to every token and every patch token attends to them).
+
+    Args (beyond `TokenMixer`'s):
+        feat_size: (H, W) of the token grid the mixer is built for (an int for a square grid). Required.
+        num_prefix_tokens: P, the class and register tokens before the patch tokens (0 for none).
+
+    The grid at forward time is, in this order: the ``feat_size=`` argument of ``forward``; the grid that
+    `visattn.models.track_grid` sets before each forward of a ViT built with ``dynamic_img_size=True``
+    (``dynamic_grid``); the ``feat_size`` of construction. An input whose length is not ``P + H·W`` for that grid
+    raises a ``ValueError``.
+
+    A subclass implements ``mix(x, H, W, key_padding_mask, attn_mask, is_causal) -> [B, N, C]`` (the whole
+    mixer, projections included; ``split_heads`` / ``merge_heads`` and ``split_prefix`` / ``join_prefix`` help).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = False,
+            qk_norm: bool = False,
+            scale_norm: bool = False,
+            proj_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            norm_layer: type[nn.Module] | None = None,
+            *,
+            feat_size: int | tuple[int, int] | None = None,
+            num_prefix_tokens: int = 1,
+            use_qkv: bool = True,
+            use_proj: bool = True,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__(
+            dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
+            use_qkv=use_qkv, use_proj=use_proj, device=device, dtype=dtype)
+        if feat_size is None:
+            raise ValueError(
+                f'{self.mixer_name} needs the token grid: feat_size=(H, W) is required (visattn.models.'
+                'vit_mixer_layer gives it from a ViT\'s img_size and patch_size)')
+        self.feat_size = check_feat_size('feat_size', feat_size)
+        self.num_prefix_tokens = check_int('num_prefix_tokens', num_prefix_tokens, minimum=0)
+        self.dynamic_grid: tuple[int, int] | None = None  # set by visattn.models.track_grid (eager only)
+
+    def grid(self, x: Tensor, feat_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The (H, W) of ``x`` [B, N, C]; raises a ``ValueError`` when N is not ``num_prefix_tokens + H·W``."""
+        if feat_size is not None:
+            hw = feat_size
+        else:
+            dyn = self.dynamic_grid
+            hw = dyn if dyn is not None else self.feat_size
+        H, W = hw[0], hw[1]
+        n = x.shape[1]
+        if not torch.jit.is_scripting() and is_fx_proxy(x):
+            return H, W
+        if n != self.num_prefix_tokens + H * W:
+            raise ValueError(
+                f'{self.mixer_name} was given {n} tokens but its grid is {H}x{W} with {self.num_prefix_tokens} '
+                f'prefix tokens ({self.num_prefix_tokens + H * W} tokens); pass feat_size= to forward, or build '
+                'the ViT with dynamic_img_size=True and visattn.models.track_grid(model)')
+        return H, W
+
+    def split_prefix(self, x: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
+        """``[B, P + H·W, C] -> (prefix [B, P, C], grid [B, H, W, C])``."""
+        P = self.num_prefix_tokens
+        return x[:, :P], x[:, P:].reshape(x.shape[0], H, W, x.shape[-1])
+
+    def join_prefix(self, prefix: Tensor, grid: Tensor) -> Tensor:
+        """``(prefix [B, P, C], grid [B, H, W, C]) -> [B, P + H·W, C]``."""
+        return torch.cat([prefix, grid.flatten(1, 2)], dim=1)
+
+    def mix(
+            self, x: Tensor, H: int, W: int, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+            is_causal: bool,
+    ) -> Tensor:
+        """Mix ``x`` [B, P + H·W, C] on its H×W grid; return [B, P + H·W, C]."""
+        raise NotImplementedError
+
+    def forward(
+            self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+            feat_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        kpm, dense = self.check_input(x, attn_mask, is_causal)
+        H, W = self.grid(x, feat_size)
+        return self.mix(x, H, W, kpm, dense, is_causal)
+
+
+def grid_for_length(n: int) -> tuple[tuple[int, int], int]:
+    """A token grid and prefix count for ``n`` tokens, for tests and benchmarks: ``((H, W), P)`` with
+    ``P + H·W = n``, P in (1, 0, 2) and the grid as square as those allow."""
+    best = None
+    for p in (1, 0, 2):
+        m = n - p
+        if m < 1:
+            continue
+        h = max(d for d in range(1, int(m ** 0.5) + 1) if m % d == 0)
+        score = (m // h) / h
+        if best is None or score < best[0] - 1e-9:
+            best = (score, (h, m // h), p)
+    if best is None:
+        raise ValueError(f'n must be a positive int, got {n!r}')
+    return best[1], best[2]
+
+
+def length_kwargs(name: str, n: int) -> dict:
+    """The construction arguments the mixer ``name`` needs to mix ``n`` tokens: ``seq_len=n`` for the fixed-length
+    mixers, ``feat_size`` and ``num_prefix_tokens`` (see `grid_for_length`) for the grid mixers, else none."""
+    from ..registry import info
+
+    meta = info(f'mixer:{name}')
+    if meta.requires_grid:
+        hw, p = grid_for_length(n)
+        return dict(feat_size=hw, num_prefix_tokens=p)
+    return dict(seq_len=n) if meta.requires_seq_len else {}
