@@ -1,4 +1,10 @@
-"""The ``visattn`` command: ``visattn list [--kind K] [--family F] [--markdown]``, ``visattn info NAME``."""
+"""The ``visattn`` command.
+
+    visattn list [--kind K] [--family F] [--markdown]   the registered blocks, mixers, feed-forward layers, models
+    visattn info NAME                                   a block's or mixer's paper and properties
+    visattn train [-c RECIPE] [options]                 train.py: fine-tune on ImageNet, ADE20K or the demo data
+    visattn train --list-configs                        the shipped recipes
+"""
 
 from __future__ import annotations
 
@@ -48,7 +54,15 @@ def _format_info(i: registry.AttnInfo) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='visattn', description=__doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['train']:  # train.py's own parser takes the rest of the line
+        import visattn  # noqa: F401  (registers the models with timm)
+
+        from .engine import cli
+
+        return cli(argv[1:], prog='visattn train')
+    parser = argparse.ArgumentParser(prog='visattn', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='cmd', required=True)
     p_list = sub.add_parser('list', help='list blocks, mixers or models')
     p_list.add_argument('--kind', choices=('attn', 'mixer', 'ffn', 'model', 'all'), default='all')
@@ -56,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p_list.add_argument('--markdown', action='store_true', help="print the README's tables")
     p_info = sub.add_parser('info', help="a block's or mixer's paper and properties")
     p_info.add_argument('name')
+    sub.add_parser('train', help='train.py as a command (visattn train --help)', add_help=False)
     args = parser.parse_args(argv)
 
     import visattn  # noqa: F401  (registers everything)

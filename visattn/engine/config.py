@@ -24,7 +24,7 @@ TASK_DATASETS = {'classification': ('digits', 'folder'), 'segmentation': ('ade20
 SPLITS = {'ade20k': ('training', 'validation')}  # (train, val) folder names; other datasets: ('train', 'val')
 AMP = ('none', 'bf16', 'fp16')
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'constant', 'wsd', 'rsqrt')
-RUN_CONTROL = ('config', 'resume', 'resume_fallback', 'overwrite', 'debug')  # not saved in config.yaml
+RUN_CONTROL = ('config', 'list_configs', 'resume', 'resume_fallback', 'overwrite', 'debug')  # not saved in config.yaml
 _BOOLS = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
 
 
@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
             kw.update(metavar='{' + ','.join(rule.choices) + '}')
         group.add_argument(flag, **kw)
 
-    p.add_argument('-c', '--config', default='', help='YAML file whose keys set the defaults of these options')
+    p.add_argument('-c', '--config', default='', help='YAML file whose keys set the defaults of these options, or '
+                   'the name of a shipped recipe (imagenet/resnet50_cbam; --list-configs lists them)')
+    p.add_argument('--list-configs', action='store_true', help='print the names of the shipped recipes and exit')
     g = p.add_argument_group('task and data')
     add(g, '--task', Rule('str', choices=TASKS), 'classification')
     add(g, '--data-dir', Rule('str'), '', 'dataset root (ImageNet or ADE20K layout)')
@@ -319,6 +321,39 @@ def load_yaml(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, An
     return out
 
 
+def recipes_dir() -> Path:
+    """The folder of the recipes shipped inside the package (``visattn/configs``; ``configs/`` of a checkout)."""
+    return Path(__file__).resolve().parents[1] / 'configs'
+
+
+def list_configs() -> list[str]:
+    """The shipped recipes, as ``-c`` takes them: ``demo``, ``imagenet/resnet50_cbam``, ``ade20k/ccnet_resnet50``."""
+    root = recipes_dir()
+    return sorted(p.relative_to(root).with_suffix('').as_posix() for p in root.rglob('*.yaml'))
+
+
+def resolve_config(value: str | Path) -> Path:
+    """The YAML file that ``-c value`` means: an existing path, else a shipped recipe by name (``imagenet/
+    resnet50_cbam``, with or without ``.yaml`` and a leading ``configs/``).
+
+    Raises:
+        ConfigError: neither a file nor a recipe; the message names the closest recipes.
+    """
+    path = Path(value)
+    if path.exists():
+        return path
+    name = path.as_posix().removesuffix('.yaml')
+    name = name[len('configs/'):] if name.startswith('configs/') else name
+    shipped = recipes_dir() / f'{name}.yaml'
+    if shipped.is_file():
+        return shipped
+    known = list_configs()
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(close)}?" if close else ''
+    raise ConfigError(f'{value}: config file not found, and no shipped recipe has that name{hint} '
+                      '(--list-configs lists the recipes)')
+
+
 def _given(argv: Sequence[str]) -> dict[str, str]:
     """``dest -> flag`` of the options that ``argv`` sets."""
     parser = build_parser()
@@ -350,7 +385,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     known, _ = pre.parse_known_args(argv)
     sources: dict[str, str] = {}
     if known.config:
-        cfg = load_yaml(known.config, parser)
+        cfg = load_yaml(resolve_config(known.config), parser)
         parser.set_defaults(**cfg)
         sources.update({dest: f'{known.config}: {dest}' for dest in cfg})
     args, extra = parser.parse_known_args(argv)

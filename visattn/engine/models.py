@@ -8,6 +8,7 @@ import timm
 import torch.nn as nn
 
 from .. import registry
+from ..models.hub import create_pretrained
 from .checkpoint import init_from
 
 
@@ -35,11 +36,11 @@ def timm_base_name(name: str) -> str | None:
 
 def load_pretrained(model: nn.Module, name: str, log: Any = print) -> None:
     """Load timm's published weights of ``name`` or, for a visattn model, of its timm base model (the attention
-    parameters keep their initialisation). Needs timm's hub to be reachable."""
+    parameters keep their initialisation). Needs timm's hub or a local copy of the weights (`create_pretrained`)."""
     base = timm_base_name(name)
     if base is None:
         raise ValueError(f'no published weights for {name!r} and no timm base model to take them from')
-    src = timm.create_model(base, pretrained=True)
+    src = create_pretrained(base)
     report = _transfer(model, src.state_dict())
     log(f'pretrained: loaded {len(report["loaded"])} tensors of {base}; '
         f'{len(report["missing"])} start fresh: {_short(report["missing"])}')
@@ -70,7 +71,7 @@ def build_classifier(args: Any, num_classes: int, log: Any = print) -> nn.Module
     if args.drop_path:
         kwargs['drop_path_rate'] = args.drop_path
     has_weights = args.pretrained and timm_base_name(args.model) is None
-    model = timm.create_model(args.model, pretrained=has_weights, **kwargs)
+    model = create_pretrained(args.model, **kwargs) if has_weights else timm.create_model(args.model, **kwargs)
     if args.pretrained and not has_weights:
         load_pretrained(model, args.model, log)
     if args.small_input_stem:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from ..data import EpochSampler, ShardSampler
 from . import checkpoint as ckpt
 from . import rundir
-from .config import ConfigError, parse_args, save_config, subject
+from .config import ConfigError, list_configs, parse_args, save_config, subject
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .loop import Task, train_one_epoch
 from .plot import plot_summary
@@ -94,6 +94,9 @@ def cli(argv: Sequence[str] | None = None, prog: str = 'train.py') -> int:
     busy run folder) is one line on stderr and status 2; ``--debug`` raises it with its traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = any(a in ('--debug', '--debug=true') for a in argv)  # before the options parse (or fail to)
+    if '--list-configs' in argv:
+        print('\n'.join(list_configs()))
+        return 0
     try:
         args = parse_args(argv)
         debug = args.debug

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.hub import create_pretrained
 from .heads import FCNHead, create_head
 
 
@@ -19,15 +20,16 @@ def create_backbone(name: str, *, output_stride: int = 8, pretrained: bool = Fal
     """``timm.create_model(name, features_only=True)`` giving the last two feature levels (stage 3 and 4 of a
     ResNet), dilated to ``output_stride`` where the backbone allows it (otherwise its own stride, with a
     warning)."""
-    common = dict(features_only=True, out_indices=(-2, -1), pretrained=pretrained, in_chans=in_chans, **kwargs)
+    common = dict(features_only=True, out_indices=(-2, -1), in_chans=in_chans, **kwargs)
+    create = create_pretrained if pretrained else timm.create_model
     if output_stride == 32:
-        return timm.create_model(name, **common)
+        return create(name, **common)
     try:
-        return timm.create_model(name, output_stride=output_stride, **common)
+        return create(name, output_stride=output_stride, **common)
     except (TypeError, AssertionError, ValueError) as e:
         warnings.warn(f'{name} cannot be dilated to output stride {output_stride} ({e}); using its own stride',
                       stacklevel=2)
-        return timm.create_model(name, **common)
+        return create(name, **common)
 
 
 class EncoderDecoder(nn.Module):
