@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import visattn  # noqa: F401
 from visattn.engine import cli
-from visattn.models import hub
+from visattn.models import _hub as hub
 
 ARGS = ['--model', 'resnet18_se', '--epochs', '1', '--progress', 'false', '--plot', 'false']
 

@@ -8,7 +8,7 @@ import timm
 import torch.nn as nn
 
 from .. import registry
-from ..models.hub import create_pretrained
+from ..models._hub import create_pretrained
 from .checkpoint import init_from
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.hub import create_pretrained
+from ..models._hub import create_pretrained
 from .heads import FCNHead, create_head
 
 
