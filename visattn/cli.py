@@ -4,6 +4,7 @@
     visattn info NAME                                   a block's or mixer's paper and properties
     visattn train [-c RECIPE] [options]                 train.py: fine-tune on ImageNet, ADE20K or the demo data
     visattn train --list-configs                        the shipped recipes
+    visattn bench NAME [--shape ..] [--backward] [--json]  time and peak memory beside full attention / timm
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         from .engine import cli
 
         return cli(argv[1:], prog='visattn train')
+    if argv[:1] == ['bench']:
+        import visattn  # noqa: F401
+
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog='visattn', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='cmd', required=True)
@@ -71,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p_info = sub.add_parser('info', help="a block's or mixer's paper and properties")
     p_info.add_argument('name')
     sub.add_parser('train', help='train.py as a command (visattn train --help)', add_help=False)
+    sub.add_parser('bench', help='time and memory of a block or mixer (visattn bench --help)', add_help=False)
     args = parser.parse_args(argv)
 
     import visattn  # noqa: F401  (registers everything)
