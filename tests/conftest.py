@@ -6,7 +6,9 @@ os.environ.setdefault('TRITON_INTERPRET', '1')
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# a parallel run (pytest -n W, pytest-xdist) shares the cores among its workers
+WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1') or 1)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
 ONE_THREAD = ('tests/train/', 'tests/seg/', 'tests/test_detection.py')

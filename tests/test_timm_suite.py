@@ -64,17 +64,19 @@ def test_sample_covers_every_family() -> None:
     assert len(mixer_sample()) == len({meta.family for _, meta in _ENTRIES['mixer'].values()})
 
 
-def test_timm_suite_blocks_sample() -> None:
+# one test per model, so that a parallel run (pytest -n) spreads them over its workers
+@pytest.mark.parametrize('model', BLOCK_SAMPLE)
+def test_timm_suite_blocks_sample(model: str) -> None:
     _require_sdist()
-    _run(BLOCK_SAMPLE[:3], NEEDS_NETWORK)
-    _run(BLOCK_SAMPLE[3:], f'{NEEDS_NETWORK} and not ({HEAVY})')
+    heavy = model in BLOCK_SAMPLE[:3]
+    _run([model], NEEDS_NETWORK if heavy else f'{NEEDS_NETWORK} and not ({HEAVY})')
 
 
-def test_timm_suite_mixers_sample() -> None:
+@pytest.mark.parametrize('model', mixer_sample())
+def test_timm_suite_mixers_sample(model: str) -> None:
     _require_sdist()
-    vits = mixer_sample()
-    _run(vits, f'{NEEDS_NETWORK} and not ({HEAVY})')
-    _run(vits[:1], f'{NEEDS_NETWORK} and ({HEAVY})')
+    heavy = model == mixer_sample()[0]
+    _run([model], NEEDS_NETWORK if heavy else f'{NEEDS_NETWORK} and not ({HEAVY})')
 
 
 @pytest.mark.slow
