@@ -5,6 +5,7 @@
     visattn train [-c RECIPE] [options]                 train.py: fine-tune on ImageNet, ADE20K or the demo data
     visattn train --list-configs                        the shipped recipes
     visattn bench NAME [--shape ..] [--backward] [--json]  time and peak memory beside full attention / timm
+    visattn viz pattern NAME | map MODEL --image F | gallery   where each attention looks, as PNGs
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ['viz']:
+        import visattn  # noqa: F401
+
+        from .viz import main as viz_main
+
+        return viz_main(argv[1:])
     parser = argparse.ArgumentParser(prog='visattn', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='cmd', required=True)
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument('name')
     sub.add_parser('train', help='train.py as a command (visattn train --help)', add_help=False)
     sub.add_parser('bench', help='time and memory of a block or mixer (visattn bench --help)', add_help=False)
+    sub.add_parser('viz', help='pictures of where each attention looks (visattn viz --help)', add_help=False)
     args = parser.parse_args(argv)
 
     import visattn  # noqa: F401  (registers everything)
