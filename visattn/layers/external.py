@@ -20,10 +20,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_channels, check_int, check_nchw, softmax_fp32
+from .._utils import check_channels, check_int, check_nchw, masked_softmax_fp32, softmax_fp32
 from ..registry import register
 
-__all__ = ['ExternalAttention']
+__all__ = ['ExternalAttention', 'double_normalization']
+
+
+def double_normalization(logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """The paper's double normalisation of ``logits`` [..., S, N]: a softmax over the N positions (in at least
+    float32), then an l1 normalisation over the S memory slots (``α / (1e-9 + Σ_slots α)``, as the released code).
+
+    ``token_mask`` (bool, broadcastable to [..., 1, N], True = a real position) restricts the softmax to the real
+    positions; padded positions get exact zeros, and a slot that sees no real position gets zeros (never NaN).
+    """
+    if token_mask is None:
+        attn = softmax_fp32(logits, dim=-1)
+    else:
+        attn = masked_softmax_fp32(logits, token_mask).to(logits.dtype)
+    return attn / (1e-9 + attn.sum(dim=-2, keepdim=True))
 
 
 @register(
@@ -74,7 +88,6 @@ class ExternalAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_nchw(x, self.channels, 'ExternalAttention')
-        attn = softmax_fp32(self.mk(self.conv_in(x)).flatten(2), dim=-1)  # [B, S, N], softmax over positions
-        attn = attn / (1e-9 + attn.sum(dim=1, keepdim=True))  # l1 over the S slots
+        attn = double_normalization(self.mk(self.conv_in(x)).flatten(2))  # [B, S, N]
         out = self.mv(attn.view(x.shape[0], self.num_slots, x.shape[2], x.shape[3]))
         return F.relu(x + self.norm(self.conv_out(out)))

@@ -12,6 +12,14 @@ arXiv:2105.14103.
 
 Causal (``is_causal=True``) restricts the sums to t' <= t, as in the paper's autoregressive models. Parameters
 ``qkv`` and ``proj`` are named as in timm's ``Attention``; the heads play no role (AFT works per channel).
+
+- ``aft_conv`` (section 3.4 of the paper, a grid mixer): ``w_{t,t'}`` depends only on the offset of t' from t on
+  the H×W patch grid, inside an s×s window (0 outside), one kernel ``w^i`` [s, s] per head shared by the head's
+  channels, and the key has one channel per head (``K^i`` [T], the paper's "dimensionality of K tied with #heads"):
+  ``Y^i_t = σ(Q^i_t) ⊙ (conv2d(e^{K^i} ⊙ V^i, e^{w^i} - 1) + Σ_t' e^{K^i_t'} V^i_t') /
+  (conv2d(e^{K^i}, e^{w^i} - 1) + Σ_t' e^{K^i_t'})`` (eq. 6, in 2-D), with the paper's re-parameterisation
+  ``w^i = γ^i (w̄^i - mean(w̄^i)) / std(w̄^i) + β^i`` (γ, β [h] initialised to 0, so AFT-conv starts as AFT-simple;
+  ``reparam=False`` learns w directly, initialised to 0). The parameters do not depend on the grid.
 """
 
 from __future__ import annotations
@@ -24,11 +32,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import float_min, float_tiny
+from .._utils import check_odd, float_min, float_tiny
 from ..registry import register
-from ._base import TokenMixer, check_length, check_seq_len
+from ._base import GridMixer, TokenMixer, check_length, check_seq_len
 
-__all__ = ['AFTFull', 'AFTLocal', 'AFTSimple', 'aft']
+__all__ = ['AFTConv', 'AFTFull', 'AFTLocal', 'AFTSimple', 'aft', 'aft_conv']
 
 
 def aft(
@@ -238,3 +246,145 @@ class AFTLocal(AFTFull):
     (default 32) and are 0 outside it, so the far tokens still contribute, without a learned bias."""
 
     default_local_window = 32
+
+
+def aft_conv(
+        q: Tensor, k: Tensor, v: Tensor, w: Tensor, H: int, W: int, num_prefix_tokens: int = 0,
+        key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """The AFT-conv operation (eq. 6 of the paper, on a 2-D grid), computed in at least float32.
+
+    The first ``num_prefix_tokens`` tokens are off the grid: they see every token without position bias (their
+    ``w`` is 0, AFT-simple) and are seen by every token without one. Every stabilising maximum is taken over the
+    real keys only.
+
+    Args:
+        q, v: [B, N, h, D] with N = num_prefix_tokens + H·W (patch tokens row-major).
+        k: [B, N, h], one key channel per head.
+        w: [h, s, s] position biases, s odd: ``w[i, s//2 + dy, s//2 + dx]`` is the bias of the token at
+            (y + dy, x + dx) for the query at (y, x).
+        H, W: the patch grid.
+        num_prefix_tokens: P.
+        key_padding_mask: [B, N] bool, True = a real token.
+
+    Returns:
+        [B, N, h, D] in v's dtype; a query that sees no key gets zeros.
+    """
+    dtype = v.dtype
+    ct = torch.promote_types(dtype, torch.float32)
+    q, k, v, w = q.to(ct), k.to(ct), v.to(ct), w.to(ct)
+    B, N, h, D = v.shape
+    P, s = num_prefix_tokens, w.shape[-1]
+    if key_padding_mask is not None:
+        k = k.masked_fill(~key_padding_mask[..., None], float_min(ct))
+    ek = torch.exp(k - k.amax(1, keepdim=True).detach())  # [B, N, h], <= 1
+    if key_padding_mask is not None:
+        ek = ek * key_padding_mask[..., None]  # a row of padding only has its maximum at a padded key
+    ekv = ek[..., None] * v  # [B, N, h, D]
+    top = w.amax((1, 2)).clamp_min(0.).detach()  # [h]: e^{w - top} <= 1 and e^{-top} <= 1
+    c = torch.exp(-top)  # the weight e^{0 - top} of a token outside the window
+    kernel = torch.exp(w - top[:, None, None]) - c[:, None, None]  # e^w - 1, scaled by e^{-top}
+    grid_kv = ekv[:, P:].reshape(B, H, W, h * D).permute(0, 3, 1, 2)  # [B, h·D, H, W]
+    grid_k = ek[:, P:].reshape(B, H, W, h).permute(0, 3, 1, 2)  # [B, h, H, W]
+    conv_kv = F.conv2d(grid_kv, kernel.repeat_interleave(D, 0)[:, None], padding=s // 2, groups=h * D)
+    conv_k = F.conv2d(grid_k, kernel[:, None], padding=s // 2, groups=h)
+    conv_kv = F.pad(conv_kv.flatten(2).transpose(1, 2).reshape(B, H * W, h, D), (0, 0, 0, 0, P, 0))  # [B, N, h, D]
+    conv_k = F.pad(conv_k.flatten(2).transpose(1, 2), (0, 0, P, 0))  # [B, N, h]
+    num = conv_kv + c[:, None] * ekv.sum(1, keepdim=True)
+    den = (conv_k + c * ek.sum(1, keepdim=True))[..., None]
+    out = torch.sigmoid(q) * torch.where(den > 0, num / den.clamp_min(float_tiny(ct)), 0.)
+    return out.to(dtype)
+
+
+@register('aft_conv', complexity='O(N·C·s²)', requires_grid=True, **{**_PAPER, 'supports_causal': False})
+class AFTConv(GridMixer):
+    """AFT-conv over the patch grid of a ViT: a depthwise s×s position bias per head; prefix tokens (class and
+    register tokens) see every token and are seen by every token without position bias (AFT-simple).
+
+    Args:
+        dim, num_heads, ...: as `TokenMixer` (``qk_norm`` normalises the queries per head: the keys have one
+            channel per head; ``attn_drop`` drops the mixed values).
+        feat_size: (H, W) of the patch grid (required); any grid can be given at forward (the kernel does not
+            depend on it).
+        num_prefix_tokens: the class and register tokens before the patch tokens.
+        kernel_size: s, odd (default 7).
+        reparam: the paper's re-parameterisation of w (default True).
+
+    Shapes:
+        x: [B, P + H·W, C] -> [B, P + H·W, C]; ``attn_mask`` [B, N] bool key padding. ``is_causal`` is refused:
+        the 2-D window has no causal order.
+
+    Parameters: ``qkv`` [2C + h, C] (q, k with h channels, v), ``pos_bias`` [h, s, s] (w̄, or w when
+    ``reparam=False``), ``gain`` and ``bias`` [h] (γ, β), ``proj``.
+    """
+
+    supports_key_padding = True
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = False,
+            qk_norm: bool = False,
+            scale_norm: bool = False,
+            proj_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            norm_layer: type[nn.Module] | None = None,
+            *,
+            feat_size: int | tuple[int, int] | None = None,
+            num_prefix_tokens: int = 1,
+            kernel_size: int = 7,
+            reparam: bool = True,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__(
+            dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
+            feat_size=feat_size, num_prefix_tokens=num_prefix_tokens, use_qkv=False, device=device, dtype=dtype)
+        dd = dict(device=device, dtype=dtype)
+        self.kernel_size = check_odd('kernel_size', kernel_size)
+        self.reparam = bool(reparam)
+        self.qkv = nn.Linear(dim, 2 * dim + num_heads, bias=qkv_bias, **dd)
+        self.k_norm = nn.Identity()  # one key channel per head: nothing to normalise
+        self.pos_bias = nn.Parameter(torch.zeros(num_heads, kernel_size, kernel_size, **dd))
+        self.gain = nn.Parameter(torch.zeros(num_heads, **dd)) if self.reparam else None
+        self.bias = nn.Parameter(torch.zeros(num_heads, **dd)) if self.reparam else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """w̄ ~ N(0, 1) (the standardisation makes its scale irrelevant), γ = β = 0; w = 0 without reparam."""
+        if self.pos_bias.device.type == 'meta':
+            return
+        with torch.no_grad():
+            if self.gain is not None:
+                nn.init.normal_(self.pos_bias)
+                self.gain.zero_()
+            else:
+                self.pos_bias.zero_()
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def position_bias(self) -> Tensor:
+        """w [h, s, s]: ``γ (w̄ - mean w̄) / std w̄ + β`` per head (population std), or w̄ without reparam."""
+        w = self.pos_bias
+        gain, bias = self.gain, self.bias
+        if gain is None or bias is None:
+            return w
+        w = w.to(torch.promote_types(w.dtype, torch.float32))
+        centred = w - w.mean((1, 2), keepdim=True)
+        std = centred.square().mean((1, 2), keepdim=True).sqrt().clamp_min(float_tiny(w.dtype) ** 0.5)
+        return gain[:, None, None] * centred / std + bias[:, None, None]
+
+    def mix(
+            self, x: Tensor, H: int, W: int, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+            is_causal: bool,
+    ) -> Tensor:
+        B, N, C = x.shape
+        h, D = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).split([C, h, C], dim=-1)
+        q = self.q_norm(q.reshape(B, N, h, D))
+        out = aft_conv(q, k, v.reshape(B, N, h, D), self.position_bias(), H, W, self.num_prefix_tokens,
+                       key_padding_mask)
+        out = self.attn_drop(out).reshape(B, N, C)
+        return self.proj_drop(self.proj(self.norm(out)))
