@@ -59,14 +59,20 @@ natten) get the NCHW <-> NHWC permutes counted in their time, as a user with NCH
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import os
 import resource
 import statistics
+import sys
 import time
 from multiprocessing.connection import Connection
 
 import torch
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import guarded  # noqa: E402
+from _harness import rss_now_kb as _rss_now_kb  # noqa: E402
+from _harness import run_forked as _run_forked  # noqa: E402
 
 FIRST_WAVE = ['cc', 'da', 'da_position', 'da_channel', 'sasa', 'halo', 'axial', 'efficient', 'nl', 'ema', 'external']
 SECOND_WAVE = ['na', 'window', 'window_v2', 'lambda', 'bottleneck', 'bat', 'issa', 'ham', 'lightnl', 'kronecker', 'cot',
@@ -87,12 +93,6 @@ EXPECTED_GROWTH = {
 BLOCK_ARGS: dict[str, dict] = {
     'cot': {'batch_at_least': 2},
 }
-
-
-def _rss_now_kb() -> int:
-    with open('/proc/self/statm') as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() // 1024
 
 
 def _ctor_args(name: str) -> dict:
@@ -150,33 +150,14 @@ def worker(spec: dict, conn: Connection) -> None:
     conn.send({'ms': statistics.median(times) * 1e3, 'peak_mib': peak_mib})
 
 
-def _guarded_worker(spec: dict, conn: Connection) -> None:
-    try:
-        worker(spec, conn)
-    except Exception as e:  # reported by the parent; the benchmark goes on with the other cases
-        conn.send({'error': f'{type(e).__name__}: {e}'})
+_guarded_worker = guarded(worker)
 
 
 def run_case(name: str, shape: tuple[int, ...], mode: str, args: argparse.Namespace) -> dict | None:
     shape = _case_shape(name, shape)
     spec = dict(name=name, shape=list(shape), mode=mode, threads=args.threads, repeats=args.repeats,
                 warmup=args.warmup)
-    ctx = mp.get_context('fork')
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_guarded_worker, args=(spec, child))
-    proc.start()
-    child.close()
-    try:
-        result = parent.recv() if parent.poll(args.timeout) else {'error': f'no result within {args.timeout} s'}
-    except EOFError:
-        result = {'error': 'the process died (out of memory?)'}
-    proc.join(1)
-    if proc.is_alive():
-        proc.kill()
-    if 'error' in result:
-        print(f'  ! {name} {list(shape)} {mode}: {result["error"]}')
-        return None
-    return result
+    return _run_forked(_guarded_worker, spec, args.timeout, f'{name} {list(shape)} {mode}')
 
 
 # ----- side-by-side peers -----
@@ -393,31 +374,7 @@ def peer_worker(spec: dict, conn: Connection) -> None:
     conn.send(times)
 
 
-def _guarded_peer_worker(spec: dict, conn: Connection) -> None:
-    try:
-        peer_worker(spec, conn)
-    except Exception as e:
-        conn.send({'error': f'{type(e).__name__}: {e}'})
-
-
-def _run_forked(target, spec: dict, timeout: float, label: str) -> dict | None:
-    ctx = mp.get_context('fork')
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=target, args=(spec, child))
-    proc.start()
-    child.close()
-    try:
-        result = parent.recv() if parent.poll(timeout) else {'error': f'no result within {timeout} s: skipped'}
-    except EOFError:
-        result = {'error': 'the process died (out of memory?)'}
-    proc.join(1)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    if 'error' in result:
-        print(f'  ! {label}: {result["error"]}')
-        return None
-    return result
+_guarded_peer_worker = guarded(peer_worker)
 
 
 def run_peers(args: argparse.Namespace) -> None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import timm
@@ -37,6 +37,10 @@ from timm.layers.split_attn import SplitAttn
 from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
 
 import visattn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import interleaved_times as _interleaved_times  # noqa: E402
+from _harness import median_and_min  # noqa: E402
 
 
 def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -55,17 +59,8 @@ def _infer(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 def interleaved_times(fns: list[Callable[[], None]], repeats: int, warmup: int = 2) -> list[tuple[float, float]]:
-    """(median, min) seconds of each function, timed in interleaved rounds."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [(statistics.median(t), min(t)) for t in times]
+    """(median, min) seconds of each function, timed in interleaved rounds (`_harness.interleaved_times`)."""
+    return [median_and_min(t) for t in _interleaved_times(fns, repeats, warmup)]
 
 
 def block_pairs(c: int) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:

@@ -6,6 +6,7 @@
     visattn train --list-configs                        the shipped recipes
     visattn bench NAME [--shape ..] [--backward] [--json]  time and peak memory beside full attention / timm
     visattn viz pattern NAME | map MODEL --image F | gallery   where each attention looks, as PNGs
+    visattn zoo --write models/ | --check models/       the model cards and the zoo table, generated
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         from .viz import main as viz_main
 
         return viz_main(argv[1:])
+    if argv[:1] == ['zoo']:
+        import visattn  # noqa: F401
+
+        from .zoo import main as zoo_main
+
+        return zoo_main(argv[1:])
     parser = argparse.ArgumentParser(prog='visattn', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='cmd', required=True)
@@ -87,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser('train', help='train.py as a command (visattn train --help)', add_help=False)
     sub.add_parser('bench', help='time and memory of a block or mixer (visattn bench --help)', add_help=False)
     sub.add_parser('viz', help='pictures of where each attention looks (visattn viz --help)', add_help=False)
+    sub.add_parser('zoo', help='the model cards in models/ (visattn zoo --help)', add_help=False)
     args = parser.parse_args(argv)
 
     import visattn  # noqa: F401  (registers everything)

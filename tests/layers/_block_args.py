@@ -14,6 +14,7 @@ SMALL = {
     'mixer': dict(num_heads=2),
     'na': dict(num_heads=2),
     'psa': dict(groups=(1, 1, 2, 2)),
+    'repmlp': dict(feat_size=(5, 7), partition_size=(3, 4), conv_kernels=(1, 3)),  # a 2×2 grid, padded
     'sasa': dict(num_heads=2, kernel_size=3),
     'sge': dict(groups=4),
     'shift': dict(shift_div=1 / 8),

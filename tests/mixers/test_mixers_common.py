@@ -12,10 +12,15 @@ from visattn.models.vit import track_grid, vit_mixer_layer
 MIXERS = visattn.list_mixers()
 DIM, HEADS = 32, 4
 
+# Mixers whose initialisation mixes (almost) no tokens by design, and the argument that makes them mix here, so that
+# the mask and causality tests cannot pass vacuously: gMLP's spatial weights start at ~1e-6 (an FFN at first).
+MIXING_INIT = {'gmlp': {'gate_init_std': 0.5}}
+
 
 def _build(name: str, seq_len: int = 24, n: int | None = None, **kw) -> torch.nn.Module:
     """The mixer for inputs of ``n`` tokens (default ``seq_len``): fixed-length mixers get ``seq_len``, grid
     mixers the grid of ``n`` tokens."""
+    kw = {**MIXING_INIT.get(name, {}), **kw}
     if visattn.info(f'mixer:{name}').requires_grid:
         kw = {**length_kwargs(name, seq_len if n is None else n), **kw}
     elif visattn.info(f'mixer:{name}').requires_seq_len:
@@ -142,6 +147,12 @@ def test_bad_input_is_a_clear_error(name):
 GRID_MIXERS = [m for m in MIXERS if visattn.info(f'mixer:{m}').requires_grid]
 
 
+def _grid_fixed(name: str) -> bool:
+    """A grid mixer whose parameters are sized by its grid (class attribute ``grid_fixed``): it mixes only the grid
+    it was built for and must refuse another with a ``ValueError`` naming its own."""
+    return bool(getattr(visattn.get_mixer(name), 'grid_fixed', False))
+
+
 @pytest.mark.parametrize('name', GRID_MIXERS)
 def test_grid_mixers_need_and_check_the_grid(name):
     assert visattn.get_mixer(name).__mro__[1:] and issubclass(visattn.get_mixer(name), visattn.mixers.GridMixer)
@@ -163,10 +174,14 @@ def test_grid_mixers_prefix_tokens_and_feat_size_at_forward(name, prefix):
     assert out.shape == x.shape and torch.isfinite(out).all()
     out.square().sum().backward()
     assert torch.isfinite(x.grad).all()
+    x2 = torch.randn(2, prefix + 8, DIM)
+    if _grid_fixed(name):  # parameters sized by the grid: another grid at forward is a clear error
+        with pytest.raises(ValueError, match='3x5'):
+            mixer(x2, feat_size=(4, 2))
+        return
     # another grid given at forward equals a mixer built for that grid with the same weights
     other = _build(name, feat_size=(4, 2), num_prefix_tokens=prefix)
     other.load_state_dict(mixer.state_dict())
-    x2 = torch.randn(2, prefix + 8, DIM)
     torch.testing.assert_close(_run(mixer, x2, feat_size=(4, 2)), _run(other, x2), rtol=1e-5, atol=1e-6)
 
 
@@ -178,6 +193,10 @@ def test_grid_mixers_in_vit_with_registers_and_dynamic_size(name):
     model = timm.create_model(f'vit_small_patch16_224_{name}', img_size=32, dynamic_img_size=True, **kw).eval()
     assert model.blocks[0].attn.num_prefix_tokens == 3 and model.blocks[0].attn.feat_size == (4, 4)
     x = torch.randn(1, 3, 40, 24)
+    if _grid_fixed(name):  # parameters sized by the grid: the ViT keeps its image size and says so
+        with pytest.raises(ValueError, match='4x4'):
+            model(x)
+        return
     torch.manual_seed(0)
     out = model(x)
     assert model.blocks[0].attn.dynamic_grid == (5, 3) and out.shape == (1, 3)

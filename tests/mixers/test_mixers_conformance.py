@@ -20,30 +20,60 @@ DIM, HEADS = 8, 2
 # Sizes that keep each mechanism non-trivial at N = 7 (several blocks, buckets, clusters, landmarks), so that the
 # gradcheck goes through the pattern, not through a degenerate full attention.
 SMALL = {
+    'adaptive_span': {'max_span': 4, 'ramp': 2, 'span_init': 0.25},  # z = 1: a soft band of 3 keys per side
+    'aft_conv': {'kernel_size': 3},  # 2x3 grid: a 3x3 window, not the whole grid
     'bigbird': {'block_size': 2, 'num_random_blocks': 1},
+    'block_local': {'block_size': 3},
+    'blockwise': {'num_blocks': 3},
     'clustered': {'num_clusters': 3, 'bits': 4},
+    'combiner': {'segment_size': 3},  # rows of 3: a direct row and two region rows
+    'delta': {'chunk_size': 4},  # two chunks at N = 7: the carried fast weights too
+    'dilated': {'layer_idx': 1},  # dilation 2
+    'external': {'num_slots': 4},
+    'fmm': {'bandwidth': 2, 'kernels': 3},
+    'fourierformer': {'block_elements': 224},  # queries in blocks of 2
+    'gmlp': {'gate_init_std': 0.5},  # its spatial weights start at ~1e-6 (an FFN): make them mix
+    'htransformer': {'block_size': 2},  # 4 leaf blocks: level 0 and one coarse level
+    'kernelized': {'nb_features': 6},
+    'lara': {'num_landmarks': 3},  # 3 proposals from segments of 3, 3 and 1 tokens
     'linformer': {'k': 3},
     'local': {'window': 3},
+    'logsparse': {'local_window': 1},
+    'long_short': {'window': 2, 'num_landmarks': 2, 'segment_size': 3},
     'longformer': {'window': 3, 'global_tokens': (1,)},
     'memory_compressed': {'compression': 2},
+    'momentum': {'chunk_size': 4},  # two chunks: the carried plain and momentum states too
+    'na': {'kernel_size': 3, 'dilation': 2},  # 2x3 grid: each patch sees its residue class, not the whole grid
     'nystrom': {'num_landmarks': 3, 'conv_kernel_size': 3},
     'performer': {'nb_features': 6},
     'probsparse': {'factor': 1},
     'reformer': {'bucket_size': 2, 'n_buckets': 2, 'n_hashes': 2},
+    'ripple': {'num_rings': 2},  # 2x3 grid: rings 0 and 1 weighted, distance 2 in the rest
     'routing': {'num_clusters': 3},
+    'scatterbrain': {'window': 3, 'nb_features': 6},
     'sinkhorn': {'bucket_size': 2},
+    'skyformer': {'num_landmarks': 4},
+    'soft': {'value_conv': 3},  # 2x3 grid: 1x2 landmarks, and the code's value convolution
     'sparse_fixed': {'stride': 3, 'summary': 1},
     'sparse_strided': {'stride': 3},
+    'topk': {'top_k': 3},
+    'vip': {'segment_dim': 4},  # 2 channels per group: the height and width FCs mix pairs (h, s)
+    'window': {'window_size': 2, 'shift_size': 1},  # 2x3 grid: shifted, padded windows along W
+    'yoso': {'num_hash': 4, 'hash_code_len': 3},
 }
 
-# Mixers that cannot pass a float64 gradcheck by design, with the reason. Empty: the discrete choices of the
+# Mixers that cannot pass a float64 gradcheck by design, with the reason. Not here: the discrete choices of the
 # hashing, clustering, routing and ProbSparse mixers (buckets, k-means assignments, top-k) are constant near a
 # generic input, so at a fixed seed the gradient of the piecewise-smooth function is checked like any other.
-GRADCHECK_EXCLUDED: dict[str, str] = {}
+GRADCHECK_EXCLUDED: dict[str, str] = {
+    'yoso': 'its backward is the paper\'s gradient estimator ((τ/2)·B in place of the derivative of B), not the '
+            'gradient of its forward; tests/mixers/test_yoso.py checks it against the formula',
+}
 
 # Numeric constructor arguments for which 0 is a legitimate value (checked to build and run).
 ZERO_ALLOWED = {
     'attn_drop', 'proj_drop', 'num_global_blocks', 'num_random_blocks', 'seed', 'decay', 'num_prefix_tokens',
+    'shift_size', 'layer_idx', 'local_window', 'span_init',
 }
 
 

@@ -18,6 +18,7 @@ DEEP += ('nat_tiny', 'nat_small', 'nat_base', 'dinat_tiny', 'dinat_small', 'dina
 DEEP += ('dat_small', 'dat_base')  # DAT: dat_tiny by default
 DEEP += ('gfnet_xs', 'gfnet_s', 'gfnet_b', 'gfnet_h_s', 'gfnet_h_b')  # GFNet: gfnet_ti, gfnet_h_ti by default
 DEEP += ('shiftvit_s', 'shiftvit_b', 'smlpnet_s', 'smlpnet_b')  # shiftvit_t_light, smlpnet_t by default
+DEEP += ('resnet50_acnet', 'resnet18_dbb', 'resnet50_dbb')  # re-parameterisable ResNets: resnet18_acnet by default
 DEEP_NAMES = ('shiftvit_t',)  # exact names, where a prefix would also catch the smallest variant (shiftvit_t_light)
 MODEL_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith(DEEP) or n in DEEP_NAMES else n
                 for n in MODELS]

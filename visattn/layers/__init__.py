@@ -1,7 +1,9 @@
 """2-D attention blocks: NCHW in, NCHW out; one mechanism per file, each registered on import."""
 
+from ._reparam import reparameterize
 from .a2 import DoubleAttention
 from .acmix import ACmix
+from .acnet import AsymConvBlock
 from .afno import AFNO2d
 from .axial import AxialAttn, AxialAttnLayer
 from .bam import BottleneckAttnModule
@@ -13,6 +15,7 @@ from .coord import CoordAttn, SimpleCoordAttn
 from .cot import ContextualTransformer
 from .csra import CSRAHead, with_csra_head
 from .da import DAChannelAttention, DAPositionAttention, DualAttention
+from .dbb import DiverseBranchBlock
 from .deformable import DeformableAttn
 from .eca import CircularEfficientChannelAttn, EfficientChannelAttn, EfficientChannelAttnMlp, eca_kernel_size
 from .efficient import EfficientAttention
@@ -38,6 +41,8 @@ from .parnet import SkipSqueezeExcite
 from .polarized import PolarizedSelfAttn
 from .poolformer import PoolMixer
 from .psa import PyramidSplitAttn
+from .repmlp import RepMLPBlock
+from .repvgg import RepVggBlock
 from .s2mlp import SpatialShiftMlp
 from .sasa import SasaStem, SelfAttn2d
 from .se import SqueezeExcite
@@ -69,4 +74,5 @@ __all__ = [
     'ContextualTransformer', 'MobileVitBlock', 'OutlookAttn',
     'ACmix', 'DeformableAttn',
     'BatNonLocalAttn', 'BilinearAttnTransform', 'BottleneckAttn', 'LambdaLayer',
+    'AsymConvBlock', 'DiverseBranchBlock', 'RepMLPBlock', 'RepVggBlock', 'reparameterize',
 ]

@@ -10,16 +10,46 @@ from ._base import (
     normalize_mask,
     softmax_attention,
 )
-from .aft import AFTFull, AFTLocal, AFTSimple
+from .adaptive_span import AdaptiveSpanAttention
+from .aft import AFTConv, AFTFull, AFTLocal, AFTSimple
+from .block_local import BlockLocalAttention
+from .blockwise import BlockwiseAttention
 from .clustering import ClusteredAttention, RoutingAttention
+from .combiner import CombinerAttention
 from .compressed import MemoryCompressedAttention
+from .cosine import MixtureOfGaussianKeysAttention
+from .delta import DeltaNet
+from .dilated import DilatedAttention
+from .emsa import EfficientMultiHeadAttention
+from .external import ExternalAttentionMixer
+from .flowformer import Flowformer
+from .fmm import FMMAttention
 from .fourier import FNetMixer
+from .fourierformer import FourierFormerAttention
+from .gfnet import GlobalFilterGridMixer
+from .gmlp import GMLPSpatialGating
 from .hashing import ReformerAttention
+from .htransformer import HTransformer1DAttention
+from .hypermixer import HyperMixer
+from .kernelized import KernelizedAttention
+from .lara import LinearRandomizedAttention
 from .linear import EfficientAttention, FastAttention, LinearAttention, Performer
+from .logsparse import LogSparseAttention
+from .long_short import LongShortAttention
 from .lowrank import Linformer, Nystromformer
+from .mlp_mixer import MLPMixerTokenMLP
+from .momentum import MomentumAttention
+from .na import NeighborhoodGridAttention
 from .poolformer import PoolGridMixer
 from .probsparse import ProbSparseAttention
+from .resmlp import ResMLPCrossPatch
+from .ripple import RippleAttention
+from .scatterbrain import ScatterbrainAttention
+from .separable import SeparableSelfAttention
+from .sinkformer import SinkformerAttention
 from .sinkhorn import SinkhornAttention
+from .skyformer import Skyformer
+from .soft import SoftAttention
 from .softmax import FullAttention, GroupedQueryAttention, MultiQueryAttention
 from .sparse import (
     BigBirdAttention,
@@ -28,6 +58,7 @@ from .sparse import (
     SparseFixedAttention,
     SparseStridedAttention,
 )
+from .sra import SpatialReductionAttention, convert_q_kv_state_dict
 from .star import StarAttention
 from .synthesizer import (
     Synthesizer,
@@ -37,7 +68,12 @@ from .synthesizer import (
     SynthesizerMixture,
     SynthesizerRandom,
 )
+from .topk import TopKAttention
+from .ufo import UFOAttention
+from .vip import WeightedPermuteMLP
+from .window import WindowGridAttention
 from .xca import CrossCovarianceAttention
+from .yoso import YosoAttention
 
 __all__ = [
     'AFTFull', 'AFTLocal', 'AFTSimple', 'BigBirdAttention', 'ClusteredAttention', 'combine_masks',
@@ -50,4 +86,14 @@ __all__ = [
     'SynthesizerRandom', 'TokenMixer',
     'GridMixer', 'grid_for_length', 'length_kwargs',
     'PoolGridMixer',
+    'NeighborhoodGridAttention', 'WindowGridAttention', 'EfficientMultiHeadAttention', 'SpatialReductionAttention',
+    'convert_q_kv_state_dict',
+    'GlobalFilterGridMixer',
+    'MLPMixerTokenMLP', 'ResMLPCrossPatch', 'GMLPSpatialGating', 'HyperMixer', 'WeightedPermuteMLP',
+    'AFTConv', 'ExternalAttentionMixer', 'RippleAttention', 'SeparableSelfAttention', 'SoftAttention', 'UFOAttention',
+    'AdaptiveSpanAttention', 'BlockLocalAttention', 'BlockwiseAttention', 'DilatedAttention', 'LogSparseAttention',
+    'SinkformerAttention', 'TopKAttention', 'YosoAttention',
+    'CombinerAttention', 'FMMAttention', 'HTransformer1DAttention', 'LongShortAttention', 'ScatterbrainAttention',
+    'DeltaNet', 'Flowformer', 'FourierFormerAttention', 'KernelizedAttention', 'LinearRandomizedAttention',
+    'MixtureOfGaussianKeysAttention', 'MomentumAttention', 'Skyformer',
 ]

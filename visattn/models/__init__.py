@@ -6,24 +6,28 @@ from .gfnet import GFNet, GFNetH
 from .local import AxialBottleneck, LocalAttnResNet, SasaBottleneck, halonet_cfg
 from .mobilenet import attn_in_se_slot
 from .nat import NAT
+from .reparam import RepBasicBlock, RepBottleneck
 from .resnet import AttnResNet, ConvAttnBottleneck, PSABottleneck, SKBottleneck, SplatBottleneck
 from .selfattn import SelfAttnResNet, cot_layer
 from .shiftvit import ShiftViT
 from .smlpnet import SMLPNet
-from .vit import filter_fitting_weights, vit_mixer_layer
+from .vit import filter_fitting_weights, track_grid, vit_mixer_layer
 
 __all__ = [
     'attn_in_se_slot', 'AttnResNet', 'AxialBottleneck', 'ContextResNet', 'ConvAttnBottleneck',
     'filter_fitting_weights', 'halonet_cfg', 'LocalAttnResNet', 'PSABottleneck', 'SasaBottleneck', 'SKBottleneck',
-    'SplatBottleneck', 'vit_mixer_layer',
+    'SplatBottleneck', 'track_grid', 'vit_mixer_layer',
     'SelfAttnResNet', 'cot_layer',
     'NAT',
     'DAT',
     'GFNet', 'GFNetH',
     'ShiftViT',
     'SMLPNet',
+    'RepBasicBlock', 'RepBottleneck',
 ]
 
 # timm model-name patterns that TorchScript cannot compile, each with the reason (timm's EXCLUDE_JIT_FILTERS).
 NOT_SCRIPTABLE: dict[str, str] = {
+    'vit_small_patch16_224_yoso': 'YOSO back-propagates the paper\'s gradient estimator through a '
+                                  'torch.autograd.Function, which TorchScript cannot compile',
 }
