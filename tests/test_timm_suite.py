@@ -1,6 +1,13 @@
 """timm's own model tests (``tests/test_models.py`` of timm's sdist) over visattn's models, through
-``tools/timm_suite.py``: a sample of every test function on a model of every block family and every mixer family in
-the default run, every model in the slow run.
+``tools/timm_suite.py``. The default run takes every test function on a model of every block family and on the ViTs
+of three mixers that reach timm's ViT by different paths (a plain mixer, a grid mixer, a mixer built for one
+sequence length); the slow run takes a ViT of every mixer family, and every model.
+
+Why three mixer ViTs are enough by default: every visattn mixer is a leaf of timm's ``torch.fx`` tracer (so a traced
+ViT calls it as a module, whichever it is), every mixer is scripted and compared with eager on its own
+(``tests/mixers/test_mixers_script.py``), and every registered ViT builds, runs forward and backward and returns
+its features in ``tests/models/test_models.py``. What differs between the mixer ViTs is the ViT builder's path,
+which the three cover.
 
 ``.ci/run`` fetches the sdist; under ``CI=true`` a missing sdist fails the test instead of skipping it.
 """
@@ -28,13 +35,17 @@ _spec.loader.exec_module(timm_suite)
 # timm's ViT-S weights); every other test function of the suite runs.
 NEEDS_NETWORK = 'not test_model_load_pretrained'
 
-# one backbone per 2-D block family (the cheapest), and per mixer family its first mixer in a ViT-S/16
+# one backbone per 2-D block family (the cheapest)
 BLOCK_SAMPLE = ['resnet18_se', 'resnet18_cbam', 'resnet18_gc', 'sasa_resnet26']
-# the tests whose cost grows with depth x taps run on the ResNet-18s and on one ViT only
+# the ViTs of the default run: a plain mixer, a grid mixer, a mixer built for one sequence length
+MIXER_SAMPLE = ['vit_small_patch16_224_full', 'vit_small_patch16_224_poolformer',
+                'vit_small_patch16_224_synthesizer_dense']
+# the tests whose cost grows with depth x taps run on one ResNet-18 and on one ViT only
 HEAVY = 'test_prune_intermediate_layers_contract or test_model_forward_intermediates'
 
 
 def mixer_sample() -> list[str]:
+    """Per mixer family its first mixer (by name) in a ViT-S/16."""
     first: dict[str, str] = {}
     for name, (_, meta) in sorted(_ENTRIES['mixer'].items()):
         first.setdefault(meta.family, name)
@@ -59,24 +70,32 @@ def _run(models: list[str], expr: str) -> None:
 
 def test_sample_covers_every_family() -> None:
     models = set(visattn.list_models())
-    sample = set(BLOCK_SAMPLE) | set(mixer_sample())
-    assert sample <= models
+    assert set(BLOCK_SAMPLE) | set(MIXER_SAMPLE) | set(mixer_sample()) <= models
     assert len(mixer_sample()) == len({meta.family for _, meta in _ENTRIES['mixer'].values()})
+    kinds = [visattn.get_mixer(m.removeprefix('vit_small_patch16_224_')).attn_info for m in MIXER_SAMPLE]
+    assert [(i.requires_grid, i.requires_seq_len) for i in kinds] == [(False, False), (True, False), (False, True)]
 
 
 # one test per model, so that a parallel run (pytest -n) spreads them over its workers
 @pytest.mark.parametrize('model', BLOCK_SAMPLE)
 def test_timm_suite_blocks_sample(model: str) -> None:
     _require_sdist()
-    heavy = model in BLOCK_SAMPLE[:3]
+    heavy = model == BLOCK_SAMPLE[0]
     _run([model], NEEDS_NETWORK if heavy else f'{NEEDS_NETWORK} and not ({HEAVY})')
 
 
-@pytest.mark.parametrize('model', mixer_sample())
+@pytest.mark.parametrize('model', MIXER_SAMPLE)
 def test_timm_suite_mixers_sample(model: str) -> None:
     _require_sdist()
-    heavy = model == mixer_sample()[0]
+    heavy = model == MIXER_SAMPLE[0]
     _run([model], NEEDS_NETWORK if heavy else f'{NEEDS_NETWORK} and not ({HEAVY})')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('model', sorted(set(mixer_sample()) - set(MIXER_SAMPLE)))
+def test_timm_suite_mixer_families(model: str) -> None:
+    _require_sdist()
+    _run([model], f'{NEEDS_NETWORK} and not ({HEAVY})')
 
 
 @pytest.mark.slow
