@@ -100,8 +100,8 @@ def _backward(sampled: bool, lsh_backward: bool, num_hash: int = 7, tau: int = 3
     q, k = unit(q).requires_grad_(), unit(k).requires_grad_()
     v.requires_grad_()
     real = (torch.rand(B, 1, N) > 0.3).double().expand(B, H, N)
-    codes = m.hash_codes(torch.cat([q, k], 2).detach()) if sampled else None
-    y = _YosoCumulation.apply(q, k, v, real, codes, tau, 2 ** tau, lsh_backward)
+    q_codes, k_codes = (m.hash_codes(q.detach()), m.hash_codes(k.detach())) if sampled else (None, None)
+    y = _YosoCumulation.apply(q, k, v, real, q_codes, k_codes, tau, 2 ** tau, lsh_backward)
     g = torch.randn_like(y)
     return m, q, k, v, real, y, g, torch.autograd.grad(y, [q, k, v], g)
 

@@ -93,28 +93,25 @@ def lsh_cumulation(dst_codes: Tensor, src_codes: Tensor, values: Tensor, n_bucke
 class _YosoCumulation(torch.autograd.Function):
     """``Y = B V`` (the exact ``B``, or sampled from the hash codes) with the paper's backward.
 
-    ``mask [B, H, N]`` (1 = real token) hides padded tokens as queries and as keys; ``codes [B, H, m, 2N]`` holds the
-    buckets of the queries, then of the keys (None: the exact expectation).
+    ``mask [B, H, N]`` (1 = real token) hides padded tokens as queries and as keys; ``q_codes``, ``k_codes``
+    ``[B, H, m, N]`` are the buckets of the queries and of the keys (None: the exact expectation).
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, codes: Tensor | None, tau: int, n_buckets: int,
-                lsh_backward: bool) -> Tensor:
-        ctx.save_for_backward(q, k, v, mask, codes)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, q_codes: Tensor | None, k_codes: Tensor | None,
+                tau: int, n_buckets: int, lsh_backward: bool) -> Tensor:
+        ctx.save_for_backward(q, k, v, mask, q_codes, k_codes)
         ctx.tau, ctx.n_buckets, ctx.lsh_backward = tau, n_buckets, lsh_backward
-        if codes is not None:
-            N = q.shape[-2]
-            out = lsh_cumulation(codes[..., :N], codes[..., N:], v * mask.unsqueeze(-1), n_buckets)
+        if q_codes is not None and k_codes is not None:
+            out = lsh_cumulation(q_codes, k_codes, v * mask.unsqueeze(-1), n_buckets)
             return out * mask.unsqueeze(-1)
         return torch.matmul(_masked_expectation(q, k, mask, tau), v)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, k, v, mask, codes = ctx.saved_tensors
+        q, k, v, mask, q_codes, k_codes = ctx.saved_tensors
         tau, n_buckets = ctx.tau, ctx.n_buckets
-        if codes is not None and ctx.lsh_backward:
-            N = q.shape[-2]
-            q_codes, k_codes = codes[..., :N], codes[..., N:]
+        if q_codes is not None and k_codes is not None and ctx.lsh_backward:
             g = grad * mask.unsqueeze(-1)
             kv = (k.unsqueeze(-1) * v.unsqueeze(-2) * mask[..., None, None]).flatten(-2)  # [B, H, N, D·Dv]
             qg = (q.unsqueeze(-1) * g.unsqueeze(-2)).flatten(-2)  # [B, H, N, D·Dv]
@@ -127,7 +124,7 @@ class _YosoCumulation(torch.autograd.Function):
             grad_q = (tau / 2) * torch.matmul(w, k)
             grad_k = (tau / 2) * torch.matmul(w.transpose(-1, -2), q)
             grad_v = torch.matmul(e.transpose(-1, -2), grad)
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
 def _masked_expectation(q: Tensor, k: Tensor, mask: Tensor, tau: int) -> Tensor:
@@ -210,16 +207,17 @@ class YosoAttention(SeededMixin, TokenMixer):
     def hash_codes(self, x: Tensor) -> Tensor:
         """Bucket ids ``[B, H, m, N]`` (int64 in ``[0, 2^τ)``) of ``x [B, H, N, D]`` under `hyperplanes`."""
         B, H, N, _ = x.shape
-        tau = self.hash_code_len
-        planes = self.hyperplanes(x)
+        m, tau = self.num_hash, self.hash_code_len
+        planes = self.hyperplanes(x)  # [H, D, m·τ]
         powers = (2 ** torch.arange(tau, device=x.device)).to(x.dtype)  # exact: τ <= 16 bits
-        group = max(1, min(self.num_hash, (1 << 22) // max(1, B * H * N * tau)))  # hashes per projection
+        step = max(1, (1 << 22) // max(1, B * H * m * tau))  # tokens per projection: a bounded transient
         codes: list[Tensor] = []
-        for r0 in range(0, self.num_hash, group):
-            r = min(self.num_hash, r0 + group) - r0
-            bits = torch.einsum('bhnd,hdk->bhnk', x, planes[:, :, r0 * tau:(r0 + r) * tau]) > 0  # [B, H, N, r·τ]
-            codes.append(torch.matmul(bits.view(B, H, N, r, tau).to(x.dtype), powers).long())
-        return torch.cat(codes, dim=-1).transpose(-1, -2)
+        for i in range(0, N, step):
+            bits = torch.matmul(x[:, :, i:i + step], planes) > 0  # [B, H, c, m·τ]
+            codes.append(torch.matmul(bits.unflatten(-1, (m, tau)).to(x.dtype), powers).long())  # [B, H, c, m]
+        if len(codes) == 0:
+            return torch.zeros(B, H, m, N, dtype=torch.long, device=x.device)
+        return torch.cat(codes, dim=2).transpose(-1, -2)
 
     def attend(
             self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
@@ -229,11 +227,12 @@ class YosoAttention(SeededMixin, TokenMixer):
         real = key_mask_of(key_padding_mask, q).to(dtype).expand(q.shape[0], q.shape[1], q.shape[2])  # [B, H, N]
         qn, kn = F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1)
         vf = v.to(dtype)
-        codes: Tensor | None = None
+        q_codes: Tensor | None = None
+        k_codes: Tensor | None = None
         if not self.expectation:
-            with torch.no_grad():
-                codes = self.hash_codes(torch.cat([qn, kn], dim=2))  # [B, H, m, 2N]: one set of hyperplanes for both
-        y = _YosoCumulation.apply(qn, kn, vf, real, codes, self.hash_code_len, 2 ** self.hash_code_len,
+            with torch.no_grad():  # one set of hyperplanes for the queries and the keys
+                q_codes, k_codes = self.hash_codes(qn), self.hash_codes(kn)
+        y = _YosoCumulation.apply(qn, kn, vf, real, q_codes, k_codes, self.hash_code_len, 2 ** self.hash_code_len,
                                   self.lsh_backward)
         out = F.normalize(y, dim=-1)
         if self.conv is not None:
