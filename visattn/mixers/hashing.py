@@ -6,11 +6,31 @@ Paper: "Reformer: The Efficient Transformer", Kitaev, Kaiser, Levskaya, ICLR 202
 Shared-QK attention: the keys are the unit-normalised queries (the ``k`` third of ``qkv`` is kept, so a
 pretrained ViT's weights load, but unused). Angular LSH hashes each key into one of ``n_buckets`` buckets,
 ``h(x) = argmax([xR; -xR])`` with a random rotation R per hash round; tokens are sorted by (bucket, position),
-cut into chunks of ``bucket_size`` and each chunk attends to itself and the previous chunk. A token attends to
-itself only when it has nothing else to attend to (its score is set to ``-5e4``, the paper's rule). The
-``n_hashes`` rounds are combined by their log-sum-exp. Causal: the chunk is replaced by a look-back over the
-``bucket_size`` previous tokens of the same bucket in sorted order, so that what token t sees depends on
-tokens up to t only.
+cut into chunks of ``bucket_size`` and each chunk attends to itself and the previous chunk (the first chunk to
+the last). A token attends to itself only when it has nothing else to attend to (its score is set to ``-5e4``,
+the paper's rule). Causal: the chunk is replaced by a look-back over the ``bucket_size`` previous tokens of the
+same bucket in sorted order, so that what token t sees depends on tokens up to t only.
+
+Several hash rounds (``n_hashes``), and ``rounds=``:
+
+- ``'separate'`` (default): the paper's multi-round LSH attention. Section 2 ("Multi-round LSH attention",
+  eq. 6) defines ``P_i = ∪_r P_i^(r)`` with ``P_i^(r) = {j : h^(r)(q_i) = h^(r)(q_j)}`` and says that the
+  multi-round case "essentially involves performing LSH attention n_rounds times in parallel"; Appendix A
+  (eqs. 7-8) writes it out: each round sorts by its own hash, ``s^(r)``, and attends within its own chunks,
+  ``P̃_i^(r) = {j : ⌊s_i^(r)/m⌋ - 1 <= ⌊s_j^(r)/m⌋ <= ⌊s_i^(r)/m⌋}``, giving ``o_i^(r)`` with normaliser
+  ``z(i, P_i^(r))``, and the rounds combine as ``o_i = Σ_r exp(z(i, P_i^(r)) - z(i, P_i)) o_i^(r)``: a
+  log-sum-exp weighting of the rounds, computed here with `merge_lse`. Two details of the appendix are not
+  followed (as in reformer-pytorch's defaults ``attend_across_buckets=True``, ``allow_duplicate_attention=True``):
+  keys of another bucket inside the chunk window are attended, not masked by ``m(j, P_i^(r)) = ∞``, and a key
+  found by several rounds counts once per round (the appendix subtracts ``log N_{i,j}``, ``N_{i,j}`` = the
+  rounds in which i sees j).
+- ``'joint'``: the released code's layout (trax, and reformer-pytorch which follows it): the ``n_hashes``
+  sorted rounds are laid end to end as one sequence of ``n_hashes·N`` tokens (round r's buckets after round
+  r-1's), cut into chunks of ``bucket_size`` across it, and each chunk looks one chunk back across round
+  boundaries (the first chunk of round r sees the last chunk of round r-1, the very first the very last; a
+  chunk may straddle two rounds when ``bucket_size`` does not divide N). The per-round outputs combine as above.
+  Only the chunked (non-causal) form differs: the causal look-back is bucket-tagged and buckets of different
+  rounds never share a tag, so both settings compute the same causal attention.
 """
 
 from __future__ import annotations
@@ -57,6 +77,9 @@ class ReformerAttention(SeededMixin, TokenMixer):
             layer differs; kept in the state dict, see `SeededMixin`).
         rehash_each_forward: draw new rotations at every training forward (the paper); the default uses rotations
             drawn from ``seed``, so that the module is a deterministic function.
+        rounds: ``'separate'`` (each round chunks its own sorted sequence, the paper) or ``'joint'`` (the rounds
+            sorted as one sequence whose chunks look back across round boundaries, trax and reformer-pytorch);
+            see the module docstring.
         device, dtype: factory arguments.
 
     Shapes:
@@ -85,6 +108,7 @@ class ReformerAttention(SeededMixin, TokenMixer):
             n_buckets: int | None = None,
             seed: int | None = None,
             rehash_each_forward: bool = False,
+            rounds: str = 'separate',
             device=None,
             dtype=None,
     ) -> None:
@@ -100,6 +124,9 @@ class ReformerAttention(SeededMixin, TokenMixer):
         self.n_buckets = n_buckets
         self.init_seed(seed)
         self.rehash_each_forward = rehash_each_forward
+        if rounds not in ('separate', 'joint'):
+            raise ValueError(f"rounds must be 'separate' or 'joint', got {rounds!r}")
+        self.rounds = rounds
 
     def buckets_for(self, seq_len: int) -> int:
         """Buckets per hash round for a sequence of ``seq_len`` tokens."""
@@ -145,18 +172,24 @@ class ReformerAttention(SeededMixin, TokenMixer):
                 qs, ks, vs, window=c, causal=True, key_mask=kms, scale=self.scale,
                 tags=torch.gather(buckets, -1, order), self_score=self.self_score, dropout_p=dropout_p)
         else:
-            nc = -(-N // c)
+            ps, kmr = order, kms
+            if self.rounds == 'joint' and R > 1:  # the rounds end to end: [B, H, 1, R·N(, D)]
+                qs, ks, vs = qs.flatten(2, 3).unsqueeze(2), ks.flatten(2, 3).unsqueeze(2), vs.flatten(2, 3).unsqueeze(2)
+                ps, kmr = order.flatten(2).unsqueeze(2), kms.flatten(2).unsqueeze(2)
+            L = qs.shape[-2]
+            nc = -(-L // c)
             qc = pad_to_multiple(qs, c, -2).unflatten(-2, (nc, c))  # [..., nc, c, D]
             kc = pad_to_multiple(ks, c, -2).unflatten(-2, (nc, c))
             vc = pad_to_multiple(vs, c, -2).unflatten(-2, (nc, c))
-            ps = pad_to_multiple(order, c, -1, -1.).unflatten(-1, (nc, c))
+            ps = pad_to_multiple(ps, c, -1, -1.).unflatten(-1, (nc, c))
             kpos = look_back(ps, -2)
-            mask = look_back(pad_to_multiple(kms, c, -1, 0.).unflatten(-1, (nc, c)), -2).unsqueeze(-2)
+            mask = look_back(pad_to_multiple(kmr, c, -1, 0.).unflatten(-1, (nc, c)), -2).unsqueeze(-2)
             itself = ps.unsqueeze(-1) == kpos.unsqueeze(-2)  # [..., nc, c, 2c]
             out, lse = attention_lse(
                 qc, look_back(kc, -3), look_back(vc, -3), mask, scale=self.scale,
                 fill=(itself, self.self_score), dropout_p=dropout_p)
-            out, lse = out.flatten(-3, -2)[..., :N, :], lse.flatten(-2)[..., :N]
+            out, lse = out.flatten(-3, -2)[..., :L, :], lse.flatten(-2)[..., :L]
+            out, lse = out.reshape(B, H, R, N, out.shape[-1]), lse.reshape(B, H, R, N)
         inv = order.argsort(dim=-1)
         out = gather_rows(out, inv)
         lse = torch.gather(lse, -1, inv)
