@@ -34,6 +34,8 @@ SMALL = {
     'fourierformer': {'block_elements': 224},  # queries in blocks of 2
     'gmlp': {'gate_init_std': 0.5},  # its spatial weights start at ~1e-6 (an FFN): make them mix
     'htransformer': {'block_size': 2},  # 4 leaf blocks: level 0 and one coarse level
+    'i_clustered': {'num_clusters': 3, 'bits': 4, 'topk': 2},  # 2 exact keys per cluster, the rest clustered
+    'isab': {'num_inducing': 3},  # 3 inducing points for 7 tokens: a real bottleneck
     'kernelized': {'nb_features': 6},
     'lara': {'num_landmarks': 3},  # 3 proposals from segments of 3, 3 and 1 tokens
     'linformer': {'k': 3},
@@ -41,11 +43,14 @@ SMALL = {
     'logsparse': {'local_window': 1},
     'long_short': {'window': 2, 'num_landmarks': 2, 'segment_size': 3},
     'longformer': {'window': 3, 'global_tokens': (1,)},
+    'luna': {'pack_len': 3},  # 3 packed slots for 7 tokens
     'memory_compressed': {'compression': 2},
+    'muse': {'kernel_sizes': (1, 3)},  # widths below N = 7: the convolutions see part of the sequence
     'momentum': {'chunk_size': 4},  # two chunks: the carried plain and momentum states too
     'na': {'kernel_size': 3, 'dilation': 2},  # 2x3 grid: each patch sees its residue class, not the whole grid
     'nystrom': {'num_landmarks': 3, 'conv_kernel_size': 3},
     'performer': {'nb_features': 6},
+    'persistent': {'num_slots': 3},
     'probsparse': {'factor': 1},
     'reformer': {'bucket_size': 2, 'n_buckets': 2, 'n_hashes': 2},
     'ripple': {'num_rings': 2},  # 2x3 grid: rings 0 and 1 weighted, distance 2 in the rest
@@ -70,11 +75,18 @@ GRADCHECK_EXCLUDED: dict[str, str] = {
             'gradient of its forward; tests/mixers/test_yoso.py checks it against the formula',
 }
 
-# Numeric constructor arguments for which 0 is a legitimate value (checked to build and run).
+# Numeric constructor arguments for which 0 is a legitimate value (checked to build and run): an argument name
+# holds for every mixer that has it, ``mixer.argument`` for that mixer only (AFT's ``local_window`` is a window
+# width and must be >= 1; LogSparse's is the optional dense band, 0 = none).
 ZERO_ALLOWED = {
     'attn_drop', 'proj_drop', 'num_global_blocks', 'num_random_blocks', 'seed', 'decay', 'num_prefix_tokens',
-    'shift_size', 'layer_idx', 'local_window', 'span_init',
+    'shift_size', 'layer_idx', 'logsparse.local_window', 'span_init',
+    'muse.ffn_ratio',  # 0 = no point-wise feed-forward branch
 }
+
+
+def _zero_allowed(name: str, arg: str) -> bool:
+    return arg in ZERO_ALLOWED or f'{name}.{arg}' in ZERO_ALLOWED
 
 
 def _kwargs(name: str, seq_len: int) -> dict:
@@ -195,7 +207,7 @@ def test_numeric_arguments_are_checked_at_construction(name):
         for value in (0, -1, 'x'):
             kw = {**base, arg: value}
             dim = kw.pop('dim', DIM)
-            if value == 0 and arg in ZERO_ALLOWED:
+            if value == 0 and _zero_allowed(name, arg):
                 mixer = cls(dim, **kw).eval()
                 assert mixer(torch.randn(1, 16, DIM)).shape == (1, 16, DIM)
                 continue
@@ -211,6 +223,7 @@ def test_numeric_arguments_are_checked_at_construction(name):
 
 def test_zero_allowed_table_names_real_arguments():
     known = {a for m in MIXERS for a in _numeric_args(visattn.get_mixer(m))}
+    known |= {f'{m}.{a}' for m in MIXERS for a in _numeric_args(visattn.get_mixer(m))}
     assert ZERO_ALLOWED <= known
 
 

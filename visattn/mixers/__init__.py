@@ -10,11 +10,13 @@ from ._base import (
     normalize_mask,
     softmax_attention,
 )
+from .aan import AverageAttention
 from .adaptive_span import AdaptiveSpanAttention
 from .aft import AFTConv, AFTFull, AFTLocal, AFTSimple
 from .block_local import BlockLocalAttention
 from .blockwise import BlockwiseAttention
-from .clustering import ClusteredAttention, RoutingAttention
+from .clustering import ClusteredAttention, ImprovedClusteredAttention, RoutingAttention
+from .collaborative import CollaborativeAttention
 from .combiner import CombinerAttention
 from .compressed import MemoryCompressedAttention
 from .cosine import MixtureOfGaussianKeysAttention
@@ -31,15 +33,20 @@ from .gmlp import GMLPSpatialGating
 from .hashing import ReformerAttention
 from .htransformer import HTransformer1DAttention
 from .hypermixer import HyperMixer
+from .isab import InducedSetAttention
 from .kernelized import KernelizedAttention
 from .lara import LinearRandomizedAttention
 from .linear import EfficientAttention, FastAttention, LinearAttention, Performer
 from .logsparse import LogSparseAttention
 from .long_short import LongShortAttention
 from .lowrank import Linformer, Nystromformer
+from .luna import LunaAttention
 from .mlp_mixer import MLPMixerTokenMLP
 from .momentum import MomentumAttention
+from .muse import MUSEAttention
 from .na import NeighborhoodGridAttention
+from .normalized import NormalizedAttention
+from .persistent import PersistentMemoryAttention
 from .poolformer import PoolGridMixer
 from .probsparse import ProbSparseAttention
 from .resmlp import ResMLPCrossPatch
@@ -68,6 +75,7 @@ from .synthesizer import (
     SynthesizerMixture,
     SynthesizerRandom,
 )
+from .talking_heads import TalkingHeadsAttention
 from .topk import TopKAttention
 from .ufo import UFOAttention
 from .vip import WeightedPermuteMLP
@@ -96,4 +104,7 @@ __all__ = [
     'CombinerAttention', 'FMMAttention', 'HTransformer1DAttention', 'LongShortAttention', 'ScatterbrainAttention',
     'DeltaNet', 'Flowformer', 'FourierFormerAttention', 'KernelizedAttention', 'LinearRandomizedAttention',
     'MixtureOfGaussianKeysAttention', 'MomentumAttention', 'Skyformer',
+    'CollaborativeAttention', 'MUSEAttention', 'NormalizedAttention', 'TalkingHeadsAttention',
+    'AverageAttention', 'InducedSetAttention', 'LunaAttention', 'PersistentMemoryAttention',
+    'ImprovedClusteredAttention',
 ]
