@@ -1,5 +1,6 @@
 """Backbones registered with timm on import."""
 
+from . import afnonet, s2mlp  # noqa: F401  (AFNONet, S²-MLP / S²-MLPv2: registered with timm on import)
 from .context import ContextResNet
 from .dat import DAT
 from .gfnet import GFNet, GFNetH

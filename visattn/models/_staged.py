@@ -13,7 +13,19 @@ from timm.layers import get_device_dtype
 from timm.models._features import feature_take_indices
 from torch import Tensor
 
-__all__ = ['StagedNet']
+__all__ = ['StagedNet', 'prune_isotropic']
+
+
+def prune_isotropic(model: nn.Module, indices: int | list[int], prune_norm: bool, prune_head: bool) -> list[int]:
+    """``prune_intermediate_layers`` of an isotropic network (GFNet, S²-MLP: ``blocks``, ``norm``,
+    ``reset_classifier``): drop the blocks after the last one in ``indices``, and the norm and head if asked."""
+    take_indices, max_index = feature_take_indices(len(model.blocks), indices)
+    model.blocks = model.blocks[:max_index + 1]
+    if prune_norm:
+        model.norm = nn.Identity()
+    if prune_head:
+        model.reset_classifier(0, '')
+    return take_indices
 
 
 class StagedNet(nn.Module):

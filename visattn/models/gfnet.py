@@ -41,7 +41,7 @@ resizes their position embedding and filters to the model's ``img_size``; they t
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -64,6 +64,7 @@ from torch import Tensor
 
 from ..layers.gfnet import GlobalFilterNHWC, resize_global_filter
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
+from ._staged import prune_isotropic
 
 __all__ = ['GFNet', 'GFNetBlock', 'GFNetH', 'checkpoint_filter_fn']
 
@@ -72,7 +73,8 @@ _ARXIV = '2107.00645'
 
 class GFNetBlock(nn.Module):
     """GFNet's block on [B, H, W, C]: ``x + γ·MLP(LN(GF(LN(x))))`` (γ: layer scale, if set; the released ``Block`` /
-    ``BlockLayerScale``)."""
+    ``BlockLayerScale``). ``filter_layer(dim, feat_size=, device=, dtype=)`` builds the token mixer GF on
+    [B, H, W, C] (default `GlobalFilterNHWC`; AFNONet passes its AFNO mixer)."""
 
     def __init__(
             self,
@@ -84,13 +86,14 @@ class GFNetBlock(nn.Module):
             layer_scale: float | None = None,
             act_layer: type[nn.Module] = nn.GELU,
             norm_layer: type[nn.Module] = LayerNorm,
+            filter_layer: Callable[..., nn.Module] = GlobalFilterNHWC,
             device=None,
             dtype=None,
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.norm1 = norm_layer(dim, **dd)
-        self.filter = GlobalFilterNHWC(dim, feat_size=feat_size, **dd)
+        self.filter = filter_layer(dim, feat_size=feat_size, **dd)
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -183,6 +186,8 @@ class GFNet(_GFNetBase):
         drop_path_rate: stochastic depth, growing linearly over the blocks from 0.
         layer_scale: initial value of the layer-scale weights (None: none, as the released isotropic models).
         norm_layer: norm over channels (default LayerNorm, eps 1e-6).
+        filter_layer: the token mixer on [B, H, W, C], ``filter_layer(dim, feat_size=, device=, dtype=)`` (default
+            `GlobalFilterNHWC`).
         device, dtype: factory arguments.
     """
 
@@ -202,6 +207,7 @@ class GFNet(_GFNetBase):
             drop_path_rate: float = 0.,
             layer_scale: float | None = None,
             norm_layer: type[nn.Module] = LayerNorm,
+            filter_layer: Callable[..., nn.Module] = GlobalFilterNHWC,
             device=None,
             dtype=None,
     ) -> None:
@@ -222,7 +228,7 @@ class GFNet(_GFNetBase):
         dpr = _dpr(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
             GFNetBlock(embed_dim, tuple(self.grid_size), mlp_ratio, proj_drop=proj_drop_rate, drop_path=dpr[i],
-                       layer_scale=layer_scale, norm_layer=norm_layer, **dd)
+                       layer_scale=layer_scale, norm_layer=norm_layer, filter_layer=filter_layer, **dd)
             for i in range(depth)])
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'blocks.{i}') for i in range(depth)]
         self.norm = norm_layer(embed_dim, **dd)
@@ -282,13 +288,7 @@ class GFNet(_GFNetBase):
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         """Drop the blocks after the last one in ``indices`` (and the norm and head if asked)."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
+        return prune_isotropic(self, indices, prune_norm, prune_head)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """[B, C, H, W] images -> the normalised token map [B, H/16, W/16, C]."""
