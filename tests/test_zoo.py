@@ -8,6 +8,7 @@ parts of every card that need no build; the slow run regenerates them all."""
 from pathlib import Path
 
 import pytest
+import timm
 
 import visattn
 from visattn import cli, zoo
@@ -69,6 +70,18 @@ def test_macs_of_the_gating_blocks_are_their_layer_shapes():
     # GC on stages 2-4: the 1×1 context conv C -> 1 and the attention pooling (C·HW each), the C -> C/16 -> C transform
     gc = sum(n * (2 * c * hw * hw + 2 * c * c // 16) for c, hw, n in _STAGES[1:])
     assert _increment('resnet50_gc') * 1e9 == pytest.approx(gc, abs=0.5)
+
+
+def test_macs_a_module_reports_are_added_to_the_total_and_to_its_block():
+    """CoT's aggregation (elementwise products and sums, which the counter does not see) reports k²·C·H·W."""
+    facts = zoo.measure('cotnet50')
+    ops = dict(facts.gmacs_by_op)
+    # the 3×3 CoT layers of ResNet-50's four stages at 224²: C·H·W = 64·56², 128·28², 256·14², 512·7²
+    agg = 9 * sum(n * c * hw * hw for (c, hw, n) in [(64, 56, 3), (128, 28, 4), (256, 14, 6), (512, 7, 3)])
+    assert ops['reported by modules'] * 1e9 == pytest.approx(agg, abs=0.5)
+    assert facts.gmacs == pytest.approx(sum(ops.values()), abs=1e-9)
+    plain = zoo.count_macs(timm.create_model('cotnet50', device='meta'), (3, 224, 224))[0]
+    assert plain == pytest.approx(facts.gmacs, abs=1e-9)
 
 
 def test_attention_macs_are_attributed_to_the_blocks():

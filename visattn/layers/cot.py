@@ -218,6 +218,11 @@ class ContextualTransformer(nn.Module):
             nn.Conv2d(self.attn_channels, self.radix * C, 1, **dd),
         )
 
+    def uncounted_macs(self, args: tuple[Tensor, ...], out: Tensor) -> int:
+        """Multiply-adds of the local aggregation, which runs as elementwise products and sums that a FLOP counter
+        does not see: k² per output element (``visattn.zoo.count_macs`` adds them)."""
+        return out.numel() * self.kernel_size ** 2
+
     def forward(self, x: Tensor) -> Tensor:
         check_nchw(x, self.channels, 'ContextualTransformer')
         if self.training and x.shape[0] == 1:
