@@ -95,6 +95,7 @@ def test_pretrained_weights_come_from_the_timm_base_model():
 
     assert timm_base_name('resnet50_cbam') == 'resnet50'
     assert timm_base_name('resnet18_se') == 'resnet18'
+    assert timm_base_name('vit_small_patch16_224_aft_full') == 'vit_small_patch16_224'  # a mixer name with '_'
     assert timm_base_name('sknet50') is None  # no timm model underneath
     assert timm_base_name('resnet50') is None  # a timm model loads its own weights
     with pytest.raises(ValueError, match='no published weights'):

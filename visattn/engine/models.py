@@ -27,11 +27,18 @@ def adapt_small_input_stem(model: nn.Module) -> nn.Module:
 
 
 def timm_base_name(name: str) -> str | None:
-    """The timm model a visattn model is built on (``resnet50_cbam`` -> ``resnet50``), if timm knows it."""
-    if name not in registry.list_models():
+    """The timm model a visattn model is built on (``resnet50_cbam`` -> ``resnet50``,
+    ``vit_small_patch16_224_aft_full`` -> ``vit_small_patch16_224``): the longest ``_``-separated prefix of ``name``
+    that timm registers and visattn does not; None for a name visattn does not register or with no such prefix."""
+    ours = registry.list_models()
+    if name not in ours:
         return None
-    base = name.rpartition('_')[0]
-    return base if base and timm.is_model(base) and base not in registry.list_models() else None
+    parts = name.split('_')
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = '_'.join(parts[:i])
+        if timm.is_model(prefix) and prefix not in ours:
+            return prefix
+    return None
 
 
 def load_pretrained(model: nn.Module, name: str, log: Any = print) -> None:
