@@ -110,19 +110,26 @@ def main(argv: list[str] | None = None) -> int:
     import visattn
     from visattn.zoo import base_model
 
-    names = [n for n in visattn.list_models() if any(fnmatch.fnmatch(n, p) for p in args.models)]
+    registered = visattn.list_models()  # in the order of the patterns given, each model once
+    names = list(dict.fromkeys(n for p in args.models for n in registered if fnmatch.fnmatch(n, p)))
     if not names:
         print(f'bench_zoo: no registered model matches {args.models}', file=sys.stderr)
         return 2
     rows = read(args.out)
     bases: dict[str, float] = {}
     machine = f'{platform.machine()} {os.cpu_count()} cores'
+    failed = []
     for name in names:
         load = os.getloadavg()[0]
-        ips = measure(name, args)
         base = base_model(name)
-        if base is not None and base not in bases:
-            bases[base] = measure(base, args)
+        try:
+            ips = measure(name, args)
+            if base is not None and base not in bases:
+                bases[base] = measure(base, args)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:  # one model's failure does not stop the others
+            print(f'{name:45s} FAILED: {e}', flush=True)
+            failed.append(name)
+            continue
         rows[name] = dict(
             model=name, images_per_s=f'{ips:.2f}', base_model=base or '',
             base_images_per_s=f'{bases[base]:.2f}' if base else '', batch=args.batch, threads=args.threads,
@@ -131,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         base_txt = f'  ({base}: {bases[base]:.2f})' if base else ''
         print(f'{name:45s} {ips:8.2f} images/s{base_txt}  load {load:.1f}', flush=True)
         write(args.out, rows)
-    return 0
+    if failed:
+        print(f'bench_zoo: {len(failed)} failed: {", ".join(failed)}', file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':

@@ -29,3 +29,17 @@ def _threads(request):
 def _seed():
     torch.manual_seed(42)
     yield
+
+
+# the longest tests (each a minute or more of subprocesses: timm's suite, a wheel install, the README's commands):
+# handed out first, so that a parallel run does not end on one worker running them while the others wait
+LONG_FIRST = (
+    'tests/test_timm_suite.py::test_timm_suite_',
+    'tests/train/test_installed.py::',
+    'tests/test_registry.py::test_readme_tables',
+    'tests/test_readme.py::test_visattn_lines_run',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # stable: the rest keeps its order
