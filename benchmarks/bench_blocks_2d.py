@@ -162,7 +162,11 @@ def run_case(name: str, shape: tuple[int, ...], mode: str, args: argparse.Namesp
 
 # ----- side-by-side peers -----
 
-PEERS = ['window', 'window_v2', 'lambda', 'bottleneck', 'bat', 'outlook', 'mobilevit', 'poolformer', 'na']
+PEERS = ['window', 'window_v2', 'lambda', 'bottleneck', 'bat', 'outlook', 'mobilevit', 'poolformer', 'na',
+         'na~window', 'na~lambda', 'na~bottleneck']
+# cross pairs: our `na` (k=7, 8 heads, relative position bias) against another mechanism's timm module, the local
+# attention a user would otherwise take: a different computation, compared for its cost only
+CROSS = {'na~window': 'window', 'na~lambda': 'lambda', 'na~bottleneck': 'bottleneck'}
 PEER_NOTES = {
     'window': "timm's SwinTransformerBlock pieces on NCHW: permute, roll, window_partition, WindowAttention with the "
               "block's SW-MSA mask, window_reverse, roll back, permute (window 7, shift 3, 8 heads)",
@@ -177,9 +181,13 @@ PEER_NOTES = {
     'na': "natten.NeighborhoodAttention2D(8 heads, k=7) on NHWC (permutes counted); ours rel_pos_bias=False "
           "(natten >= 0.20 has no rpb). natten's CPU path (FlexAttention) has no backward and no float64: "
           'forward only, checked in float32',
+    'na~window': "ours: na (k=7, 8 heads, rel. position bias); peer: timm's Swin window attention as in 'window'",
+    'na~lambda': "ours: na (k=7, 8 heads, rel. position bias); peer: timm.layers.LambdaLayer as in 'lambda'",
+    'na~bottleneck': "ours: na (k=7, 8 heads, rel. position bias); peer: timm.layers.BottleneckAttn as in "
+                     "'bottleneck'",
 }
 # pairs run at a multiple of their window / band at the large shape (timm asserts it or pads differently)
-PEER_LARGE_HW = {'window': 98, 'window_v2': 98, 'bat': 98}
+PEER_LARGE_HW = {'window': 98, 'window_v2': 98, 'bat': 98, 'na~window': 98}
 
 
 class _NCHW(nn.Module):
@@ -239,6 +247,9 @@ def build_pair(pair: str, C: int, H: int, W: int, randomize: bool = False):
                         b.copy_(torch.rand_like(b) + 0.5)
         return m
 
+    if pair in CROSS:
+        theirs = build_pair(CROSS[pair], C, H, W)[1]
+        return visattn.create_attn('na', C, num_heads=8, kernel_size=7), theirs
     if pair in ('window', 'window_v2'):
         from timm.models import swin_transformer as tv1
         from timm.models import swin_transformer_v2 as tv2
@@ -300,6 +311,8 @@ def check_pair(pair: str) -> dict:
     gradient, of the input gradients (train); float64 (natten: float32)."""
     import torch
 
+    if pair in CROSS:
+        return {}  # a different computation: no check
     torch.manual_seed(0)
     C, H, W = 64, 14, 14  # natten's CPU path needs heads of >= 8 channels
     dtype = torch.float32 if pair == 'na' else torch.float64
@@ -350,7 +363,7 @@ def peer_worker(spec: dict, conn: Connection) -> None:
     if spec.get('side'):
         m = mods[spec['side']]
         tiny = torch.randn(1, C, 7, 7, requires_grad=not fwd)  # kernels and pools warmed up before the baseline
-        if spec['pair'] in ('window', 'window_v2', 'bottleneck'):
+        if spec['pair'] in ('window', 'window_v2', 'bottleneck') or spec['pair'] in CROSS:
             pass  # timm's modules are tied to H x W: no warm-up on either side
         elif fwd:
             with torch.no_grad():
@@ -395,14 +408,14 @@ def run_peers(args: argparse.Namespace) -> None:
     for pair in pairs:
         d = _run_forked(_guarded_peer_worker, dict(base, pair=pair, check=True), args.timeout, f'{pair} check')
         tol = 1e-5 if pair == 'na' else 1e-8
-        ok = d is not None and max(d.values()) < tol
+        ok = d is not None and bool(d) and max(d.values()) < tol
         same[pair] = ok
-        diffs = '-' if d is None else ', '.join(f'{k} {v:.1e}' for k, v in d.items())
+        diffs = '-' if not d else ', '.join(f'{k} {v:.1e}' for k, v in d.items())
         verdict = f"same (< {tol:g}{', float32' if pair == 'na' else ''})" if ok else 'different computation'
         print(f'| {pair} | {diffs} | {verdict} | {PEER_NOTES[pair]} |', flush=True)
     shapes = [(2, 16, 14, 14)] if args.quick else [(8, 256, 56, 56), (2, 512, 97, 97)]
     for shape in shapes:
-        print(f'\n{list(shape)} (window, window_v2, bat at 98x98 in the larger shape: multiples of 7)')
+        print(f'\n{list(shape)} (window, window_v2, bat, na~window at 98x98 in the larger shape: multiples of 7)')
         print('| pair | mode | ours min ms | peer min ms | ratio min | ours median ms | peer median ms | '
               'ratio median | ours peak MiB | peer peak MiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|')
         for pair in pairs:

@@ -48,9 +48,12 @@ def make(**kw):
     return m
 
 
-@pytest.mark.parametrize('window,features_,causal', [(5, 16, False), (9, 7, True), (1, 32, False)])
-def test_matches_exact_window_plus_low_rank(window, features_, causal):
-    m = make(window=window, nb_features=features_)
+@pytest.mark.parametrize('window,features_,causal,chunk', [(5, 16, False, 1 << 20), (9, 7, True, 1 << 20),
+                                                           (1, 32, False, 1 << 20), (5, 16, False, 1),
+                                                           (9, 7, True, 3100)])
+def test_matches_exact_window_plus_low_rank(window, features_, causal, chunk):
+    """Also with the window computed one query block at a time (chunk 1) and two blocks at a time (3100)."""
+    m = make(window=window, nb_features=features_, chunk_elements=chunk)
     x = torch.randn(2, N, C, dtype=torch.float64)
     kpm = torch.rand(2, N) > 0.3
     kpm[1, :12] = False

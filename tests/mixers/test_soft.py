@@ -43,13 +43,20 @@ def _landmarks(m: torch.nn.Module, q: torch.Tensor, keep: torch.Tensor | None, H
     real queries."""
     s, D = m.landmark_stride, q.shape[-1]
     grid = q * (1. if keep is None else keep[:, None, :, None]) / D ** 0.25  # the kernel's scaled queries
+    if m.landmark_grid is None:
+        rows = [range(y0, min(y0 + s, H)) for y0 in range(0, H, s)]
+        cols = [range(x0, min(x0 + s, W)) for x0 in range(0, W, s)]
+    else:  # adaptive cells: rows floor(i·H/g) .. ceil((i+1)·H/g) - 1
+        gh, gw = m.landmark_grid
+        rows = [range(i * H // gh, -(-(i + 1) * H // gh)) for i in range(gh)]
+        cols = [range(j * W // gw, -(-(j + 1) * W // gw)) for j in range(gw)]
     cells = []
-    for y0 in range(0, H, s):
-        for x0 in range(0, W, s):
-            idx = [y * W + x for y in range(y0, min(y0 + s, H)) for x in range(x0, min(x0 + s, W))]
+    for ry in rows:
+        for rx in cols:
+            y0, x0 = ry[0], rx[0]
+            idx = [y * W + x for y in ry for x in rx]
             if m.landmarks == 'conv':
-                taps = [m.landmark_conv.weight[:, :, y - y0, x - x0] for y in range(y0, min(y0 + s, H))
-                        for x in range(x0, min(x0 + s, W))]
+                taps = [m.landmark_conv.weight[:, :, y - y0, x - x0] for y in ry for x in rx]
                 cells.append(sum(grid[:, :, i] @ t.T for i, t in zip(idx, taps)))
             else:
                 n = len(idx) if keep is None else keep[:, idx].sum(-1).clamp_min(1)[:, None, None]
@@ -81,17 +88,32 @@ def _reference(m, x, H, W, keep=None, exact=False):
     return linear(out.transpose(1, 2).reshape(B, N, C), params, 'proj')
 
 
-@pytest.mark.parametrize('landmarks', ['conv', 'pool'])
-def test_matches_the_equations_with_key_padding(landmarks):
-    H, W, P = 5, 7, 1  # 3x4 landmarks from a zero-padded 6x8 grid
-    m = build('soft', 12, 2, feat_size=(H, W), num_prefix_tokens=P, landmarks=landmarks, value_conv=3,
-              qkv_bias=True)
+def _check_with_and_without_padding(m, H, W, P):
     x = torch.randn(2, P + H * W, 12, dtype=F64)
     keep = torch.ones(2, P + H * W, dtype=torch.bool)
     keep[0, 20:] = False
     keep[1, :4] = False
     assert_matches(m, x, lambda t: _reference(m, t, H, W), tol=1e-9)
     assert_matches(m, x, lambda t: _reference(m, t, H, W, keep), tol=1e-9, attn_mask=keep)
+
+
+@pytest.mark.parametrize('landmarks', ['conv', 'pool'])
+def test_matches_the_equations_with_key_padding(landmarks):
+    H, W, P = 5, 7, 1  # 3x4 landmarks from a zero-padded 6x8 grid
+    m = build('soft', 12, 2, feat_size=(H, W), num_prefix_tokens=P, landmarks=landmarks, value_conv=3,
+              qkv_bias=True)
+    _check_with_and_without_padding(m, H, W, P)
+
+
+def test_fixed_landmark_grid_matches_the_equations_and_keeps_m_fixed():
+    """``landmark_grid``: the means of the real queries of adaptive cells (uneven on 5×7 into 3×2, overlapping
+    rows where the cells do not divide the grid), with key padding; m stays g_h·g_w at a larger grid."""
+    H, W, P = 5, 7, 1
+    m = build('soft', 12, 2, feat_size=(H, W), num_prefix_tokens=P, landmarks='pool', landmark_grid=(3, 2))
+    _check_with_and_without_padding(m, H, W, P)
+    q = torch.randn(1, 2, 28 * 28, 6, dtype=F64)
+    assert m.sample_landmarks(q, None, 28, 28).shape == (1, 2, 6, 6)
+    assert m.sample_landmarks(q[:, :, :4], None, 2, 2).shape == (1, 2, 4, 6)  # at most one cell per token
 
 
 def test_converges_to_exact_gaussian_kernel_attention_as_landmarks_reach_every_token():
@@ -126,6 +148,10 @@ def test_options_and_refusals():
         visattn.create_mixer('soft', 8, num_heads=2, feat_size=4, landmarks='random')
     with pytest.raises(ValueError, match='value_conv'):
         visattn.create_mixer('soft', 8, num_heads=2, feat_size=4, value_conv=2)
+    with pytest.raises(ValueError, match='landmark_grid'):
+        visattn.create_mixer('soft', 8, num_heads=2, feat_size=4, landmark_grid=7)
+    with pytest.raises(ValueError, match='landmark_grid'):
+        visattn.create_mixer('soft', 8, num_heads=2, feat_size=4, landmarks='pool', landmark_grid=(7, 0))
     m = visattn.create_mixer('soft', 8, num_heads=2, feat_size=4, landmarks='pool')
     assert m.landmark_conv is None and m.landmark_norm is None and m.value_conv is None and m.qkv is None
     with pytest.raises(ValueError, match='causal'):

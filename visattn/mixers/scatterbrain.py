@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .._utils import check_int
 from ..ops._dispatch import upcast
 from ..registry import register
 from ._sparse_utils import _band, key_mask_of, pad_to_multiple
@@ -51,6 +52,8 @@ class ScatterbrainAttention(Performer):
         window: keys per query of the sparse support, odd, centred on the query (default 65); causal: the
             ``window`` keys ending at it.
         nb_features, feature_redraw_interval, scaling: the Performer features (see `visattn.mixers.Performer`).
+        chunk_elements: about how many elements the window's largest temporary holds (default 2^20): the window is
+            computed a chunk of query blocks at a time, which bounds inference memory and keeps it in cache.
 
     Shapes:
         x: [B, N, C] -> [B, N, C]; ``attn_mask`` [B, N] bool key padding.
@@ -72,6 +75,7 @@ class ScatterbrainAttention(Performer):
             nb_features: int | None = None,
             feature_redraw_interval: int | None = 1000,
             scaling: str = 'norm',
+            chunk_elements: int = 1 << 20,
             device=None,
             dtype=None,
     ) -> None:
@@ -80,6 +84,22 @@ class ScatterbrainAttention(Performer):
             nb_features=nb_features, feature_redraw_interval=feature_redraw_interval, scaling=scaling,
             device=device, dtype=dtype)
         self.window = check_odd_window(window)
+        self.chunk_elements = check_int('chunk_elements', chunk_elements)
+
+    def _window_part(
+            self, qb: Tensor, kb: Tensor, vb: Tensor, fqb: Tensor, fkb: Tensor, mb: Tensor, hidden: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The exact-minus-low-rank correction on the window of some query blocks: its numerator [B, H, n, b, D],
+        denominator [B, H, n, b] and the blocks' common shift c [B, H, n, b, 1]."""
+        # fresh tensors from here on, updated in place (none is an input of its own backward)
+        scores = (qb @ kb.transpose(-1, -2)).mul_(self.scale).masked_fill_(hidden, -1e30)
+        c = torch.maximum(mb, scores.amax(-1, keepdim=True)).detach()  # [B, H, n, b, 1]
+        exact = scores.sub_(c).exp_()  # masked pairs: 0
+        if self.training and self.attn_drop.p > 0.:
+            exact = self.attn_drop(exact)
+        low = ((fqb * torch.exp(mb - c)) @ fkb.transpose(-1, -2)).masked_fill_(hidden, 0.)  # L on the window
+        correction = low.neg_().add_(exact)  # S = A - L on the window, on the common scale exp(-c)
+        return correction @ vb, correction.sum(-1), c
 
     def attend(
             self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
@@ -108,16 +128,22 @@ class ScatterbrainAttention(Performer):
         allowed = _band(key_mask_of(key_padding_mask, q), b, left, right, False).unsqueeze(-2) \
             & (rel >= -left) & (rel <= right)  # [B, 1, nb, b, span]
         hidden = ~allowed
-        # fresh tensors from here on, updated in place (none is an input of its own backward)
-        scores = (qb @ kb.transpose(-1, -2)).mul_(self.scale).masked_fill_(hidden, -1e30)
-        c = torch.maximum(mb, scores.amax(-1, keepdim=True)).detach()  # [B, H, nb, b, 1]
-        exact = scores.sub_(c).exp_()  # masked pairs: 0
-        if self.training and self.attn_drop.p > 0.:
-            exact = self.attn_drop(exact)
-        low = ((fqb * torch.exp(mb - c)) @ fkb.transpose(-1, -2)).masked_fill_(hidden, 0.)  # L on the window
-        correction = low.neg_().add_(exact)  # S = A - L on the window, on the common scale exp(-c)
-        num_s = (correction @ vb).flatten(2, 3)[:, :, :N]  # [B, H, N, D]
-        den_s = correction.sum(-1).flatten(2, 3)[:, :, :N, None]  # [B, H, N, 1]
+        # the window part, a chunk of query blocks at a time (its [.., b, span] temporaries stay in cache)
+        # the largest per-block tensor: the scores [b, span] or a band copy [span, D or features]
+        step = max(1, self.chunk_elements // max(1, B * H * (b + left + right) * max(b, D, fq.shape[-1])))
+        nums: list[Tensor] = []
+        dens: list[Tensor] = []
+        shifts: list[Tensor] = []
+        for c0 in range(0, nb, step):
+            sl = slice(c0, c0 + step)
+            num, den, shift = self._window_part(qb[:, :, sl], kb[:, :, sl], vb[:, :, sl], fqb[:, :, sl],
+                                                fkb[:, :, sl], mb[:, :, sl], hidden[:, :, sl])
+            nums.append(num)
+            dens.append(den)
+            shifts.append(shift)
+        num_s = torch.cat(nums, 2).flatten(2, 3)[:, :, :N]  # [B, H, N, D]
+        den_s = torch.cat(dens, 2).flatten(2, 3)[:, :, :N, None]  # [B, H, N, 1]
+        c = torch.cat(shifts, 2)  # [B, H, nb, b, 1]
 
         g = torch.exp(m - c.flatten(2, 3)[:, :, :N])  # [B, H, N, 1]: the features onto the common scale
         z = fk.cumsum(-2) if is_causal else fk.sum(-2, keepdim=True)

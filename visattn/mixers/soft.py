@@ -10,7 +10,7 @@ normalisation (per head, D channels):
     S_ij = exp(-‖q_i - q_j‖² / (2√D))                          computed as exp(-‖q̂_i - q̂_j‖² / 2), q̂ = q / D^¼
     Q̃ = GELU(LN(Conv_{s×s, stride s}(Q̂ on the H×W grid)))       m = ⌈H/s⌉·⌈W/s⌉ landmarks (the code's sampling)
     Ŝ = P A⁺ Pᵀ,   P = exp(-‖Q̂ - Q̃‖²/2) [N, m],   A = exp(-‖Q̃ - Q̃‖²/2) [m, m]
-    out = P (A⁺ (Pᵀ V))                                         O(N·m·D), linear in N
+    out = P (A⁺ (Pᵀ V))                                         O(N·m·D + m³)
 
 A⁺, the Moore-Penrose inverse of A, is approximated by the Newton-Schulz iteration of the paper,
 ``A_{k+1} = 2 A_k - A_k A A_k`` from ``A_0 = α A``, for ``newton_iters`` steps (default 20, the released code's
@@ -25,6 +25,14 @@ on their D channels, then LayerNorm and GELU; ``'pool'`` averages the queries of
 A grid that is not a multiple of s is zero-padded at the bottom and right (``'pool'`` averages the cells' tokens
 only). With ``'pool'`` and s = 1 every patch token is a landmark and, without prefix tokens, Ŝ = S: the tests
 check that the mixer then converges to the exact Gaussian-kernel attention ``S V``.
+
+Cost and the landmark count: SOFT is linear in N for a fixed number of landmarks m. The paper keeps m = 49 (7×7 at
+224²) in every stage by a stride per stage (8, 4, 2, 1 on the 56², 28², 14², 7² grids). A fixed stride s gives
+m = ⌈H/s⌉·⌈W/s⌉ = N/s², so at one stride the cost grows as N²·C/s² and the Newton-Schulz steps as (N/s²)³: fine at
+ViT sizes, cubic for long sequences. ``landmark_grid=(g_h, g_w)`` (with ``'pool'``) fixes m = g_h·g_w at any grid
+instead: each landmark is the mean of the real queries of one cell of an adaptive g_h×g_w partition (the cells of
+``adaptive_avg_pool2d``: rows ⌊i·H/g_h⌋ to ⌈(i+1)·H/g_h⌉), which is what the paper's per-stage strides do for the
+resolution they were set for, and the cost is O(N·m·C + m³), linear in N.
 
 ``value_conv=k`` adds the released code's depthwise k×k convolution of V over the grid (one kernel per head,
 shared by its channels) to the patch tokens' output; the paper does not describe it, so it is off by default.
@@ -43,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_int, check_odd
+from .._utils import check_feat_size, check_int, check_odd
 from ..registry import register
 from ._base import GridMixer
 
@@ -68,7 +76,7 @@ def newton_inverse(a: Tensor, iterations: int = 20) -> Tensor:
 
 @register(
     'soft', paper='SOFT: Softmax-free Transformer with Linear Complexity', arxiv='2110.11945', year=2021,
-    family='low-rank', complexity='O(N·m·C)', kind='mixer', requires_grid=True,
+    family='low-rank', complexity='O(N·m·C + m³)', kind='mixer', requires_grid=True,
 )
 class SoftAttention(GridMixer):
     """SOFT attention over the patch grid of a ViT (see the module docstring).
@@ -80,6 +88,8 @@ class SoftAttention(GridMixer):
         num_prefix_tokens: the class and register tokens before the patch tokens.
         landmark_stride: s, the cell size of the landmark sampling (default 2).
         landmarks: ``'conv'`` (default, the code's) or ``'pool'``.
+        landmark_grid: (g_h, g_w) or g: a fixed landmark grid (adaptive cells, ``landmarks='pool'`` only), m fixed
+            at any input size; default None: the stride decides m.
         newton_iters: Newton-Schulz steps for A⁺ (default 20).
         value_conv: odd kernel size of the code's depthwise convolution of V (default None: none).
         device, dtype: factory arguments.
@@ -109,6 +119,7 @@ class SoftAttention(GridMixer):
             num_prefix_tokens: int = 1,
             landmark_stride: int = 2,
             landmarks: str = 'conv',
+            landmark_grid: int | tuple[int, int] | None = None,
             newton_iters: int = 20,
             value_conv: int | None = None,
             device=None,
@@ -122,6 +133,10 @@ class SoftAttention(GridMixer):
         if landmarks not in ('conv', 'pool'):
             raise ValueError(f"landmarks must be 'conv' or 'pool', got {landmarks!r}")
         self.landmarks = landmarks
+        self.landmark_grid = None if landmark_grid is None else check_feat_size('landmark_grid', landmark_grid)
+        if self.landmark_grid is not None and landmarks != 'pool':
+            raise ValueError(f"landmark_grid needs landmarks='pool' (a convolution's cells are fixed by its stride), "
+                             f"got landmarks={landmarks!r}")
         self.newton_iters = check_int('newton_iters', newton_iters)
         self.qv = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
         self.k_norm = nn.Identity()  # k = q
@@ -137,6 +152,8 @@ class SoftAttention(GridMixer):
         """Landmarks [B, h, m, D] from the patch queries ``q`` [B, h, H·W, D] (padded ones zeroed) of the H×W grid,
         ``valid`` [B, H·W] (True = real token) or None."""
         B, h, _, D = q.shape
+        if self.landmark_grid is not None:
+            return self.grid_landmarks(q, valid, H, W, self.landmark_grid)
         s = self.landmark_stride
         Hp, Wp = -(-H // s) * s, -(-W // s) * s
         grid = F.pad(q.reshape(B * h, H, W, D).permute(0, 3, 1, 2), (0, Wp - W, 0, Hp - H))  # [B·h, D, Hp, Wp]
@@ -148,6 +165,19 @@ class SoftAttention(GridMixer):
         count = count.reshape(B, 1, Hp // s, s, Wp // s, s).sum((3, 5)).flatten(2)  # [B, 1, m]
         total = grid.reshape(B, h, D, Hp // s, s, Wp // s, s).sum((4, 6)).flatten(3)  # [B, h, D, m]
         return (total / count[:, :, None].clamp_min(1)).transpose(-2, -1)
+
+    @staticmethod
+    def grid_landmarks(q: Tensor, valid: Tensor | None, H: int, W: int, cells: tuple[int, int]) -> Tensor:
+        """Landmarks [B, h, m, D]: the mean of the real queries of each cell of an adaptive ``cells`` partition of
+        the H×W grid (at most H×W cells), ``q`` [B, h, H·W, D] with padded ones zeroed."""
+        B, h, _, D = q.shape
+        gh, gw = min(cells[0], H), min(cells[1], W)
+        grid = q.reshape(B * h, H, W, D).permute(0, 3, 1, 2)  # [B·h, D, H, W]
+        mean = F.adaptive_avg_pool2d(grid, (gh, gw)).reshape(B, h, D, gh * gw)
+        if valid is not None:  # a cell's mean of x·valid over its mean of valid: the mean of its real queries
+            share = F.adaptive_avg_pool2d(valid.to(q.dtype).reshape(B, 1, H, W), (gh, gw)).reshape(B, 1, 1, -1)
+            mean = torch.where(share > 0, mean / torch.where(share > 0, share, torch.ones_like(share)), 0.)
+        return mean.transpose(-2, -1)
 
     def mix(
             self, x: Tensor, H: int, W: int, key_padding_mask: Tensor | None, attn_mask: Tensor | None,

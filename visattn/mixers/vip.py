@@ -20,6 +20,10 @@ X_C)``. The released code's FCs are C×C, which needs H = W = G; here the height
 H consecutive channels, the height swapped with the position inside a segment); this follows the released code.
 The block around it (ViP's ``skip_lam`` residual scaling) is the ViT block's business and not included.
 
+Cost: the height FC runs W·G times on H·S values, W·G·(H·S)² = N·H·C²/G multiply-adds (the width FC likewise
+N·W·C²/G), so O(N·(H + W)·C²/G): N^1.5 for a fixed G on a square grid. The paper sets G = H = W (then H·S = C and
+each FC is C×C, O(N·C²)), which ties the segment count to the grid.
+
 The FCs are sized by the grid: the mixer mixes only the H×W grid it was built for (``grid_fixed``) and raises a
 ``ValueError`` for another one (a ViT with ``dynamic_img_size`` cannot change its image size).
 
@@ -47,7 +51,7 @@ __all__ = ['WeightedPermuteMLP']
 
 @register(
     'vip', paper='Vision Permutator: A Permutable MLP-Like Architecture for Visual Recognition', arxiv='2106.12368',
-    year=2022, family='mlp', complexity='O(N·C·(H + W)·C/G)', kind='mixer', requires_grid=True,
+    year=2022, family='mlp', complexity='O(N·(H + W)·C²/G)', kind='mixer', requires_grid=True,
 )
 class WeightedPermuteMLP(GridMixer):
     """ViP's weighted Permute-MLP on the patch grid: height, width and channel FCs, reweighted per channel.
