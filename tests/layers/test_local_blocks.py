@@ -184,6 +184,8 @@ def test_matches_reference_output_and_gradients(case, stride, batch):
     y_ref = ref_batch(ref, x, m)
     assert y.shape == y_ref.shape == (batch, m.out_channels, 4 if stride == 2 else 7, 5 if stride == 2 else 9)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # the inference path (sasa: the shifted-window loop instead of the unfold)
+        torch.testing.assert_close(m(x), y_ref, rtol=1e-9, atol=1e-9)
     g = torch.randn_like(y)
     params = [p for p in m.parameters()]
     grads = torch.autograd.grad(y, [x, *params], g, allow_unused=True)

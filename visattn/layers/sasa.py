@@ -126,18 +126,45 @@ class SelfAttn2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_nchw(x, self.channels, 'SelfAttn2d')
         B, _, H, W = x.shape
-        k, N, D = self.kernel_size, self.num_heads, self.head_dim
         q, key, v = self.qkv(x).chunk(3, dim=1)
-        q = q.reshape(B, N, D, H * W)
-        # [B, d_out·k², H·W] -> [B, N, D, k², H·W]: the zero-padded k×k neighbourhood of every pixel
+        rel = self.relative_embeddings().to(q.dtype)  # [N, k², D]
+        if torch.is_grad_enabled() and (q.requires_grad or rel.requires_grad):
+            out = self._attend_unfolded(q, key, v, rel, H, W)
+        else:
+            out = self._attend_shifted(q, key, v, rel, H, W)
+        return self.pool(out.reshape(B, self.out_channels, H, W))
+
+    def _attend_unfolded(self, q: Tensor, key: Tensor, v: Tensor, rel: Tensor, H: int, W: int) -> Tensor:
+        """Training path: the zero-padded k×k neighbourhood of every pixel unfolded ([B, N, D, k², H·W] keys and
+        values, which autograd keeps), contracted over D elementwise (no permuted copies). -> [B, N, D, H·W]."""
+        B, k, N, D = q.shape[0], self.kernel_size, self.num_heads, self.head_dim
+        q = q.reshape(B, N, D, 1, H * W)
         key = F.unfold(key, k, padding=k // 2).view(B, N, D, k * k, H * W)
         v = F.unfold(v, k, padding=k // 2).view(B, N, D, k * k, H * W)
-        valid = F.unfold(x.new_ones(1, 1, H, W), k, padding=k // 2).transpose(1, 2)[None] > 0  # [1, 1, HW, k²]
-        logits = torch.einsum('bhdn,bhdwn->bhnw', q, key)
-        logits = logits + torch.einsum('bhdn,hwd->bhnw', q, self.relative_embeddings().to(q.dtype))
-        attn = masked_softmax_fp32(logits * self.scale, valid).to(v.dtype)  # [B, N, HW, k²]
-        out = torch.einsum('bhnw,bhdwn->bhdn', attn, v).reshape(B, self.out_channels, H, W)
-        return self.pool(out)
+        valid = F.unfold(q.new_ones(1, 1, H, W), k, padding=k // 2)[None] > 0  # [1, 1, k², HW]
+        logits = (q * key).sum(2) + torch.einsum('bhdn,hwd->bhwn', q[:, :, :, 0], rel)  # [B, N, k², HW]
+        attn = masked_softmax_fp32(logits * self.scale, valid, dim=2).to(v.dtype)
+        return (attn[:, :, None] * v).sum(3)
+
+    def _attend_shifted(self, q: Tensor, key: Tensor, v: Tensor, rel: Tensor, H: int, W: int) -> Tensor:
+        """Inference path, the same function: a loop over the k² window offsets, each reading the zero-padded key
+        and value maps shifted by the offset (views, nothing k² times the map is formed). -> [B, N, D, H, W]."""
+        B, k, N, D = q.shape[0], self.kernel_size, self.num_heads, self.head_dim
+        p = k // 2
+        q = q.reshape(B, N, D, H, W)
+        kp = F.pad(key, (p, p, p, p)).view(B, N, D, H + 2 * p, W + 2 * p)
+        vp = F.pad(v, (p, p, p, p)).view(B, N, D, H + 2 * p, W + 2 * p)
+        valid = F.unfold(q.new_ones(1, 1, H, W), k, padding=p).view(1, 1, k * k, H, W) > 0
+        logits = torch.einsum('bhdyx,hwd->bhwyx', q, rel)  # [B, N, k², H, W]: the relative term
+        for t in range(k * k):
+            a, b = t // k, t % k
+            logits[:, :, t] += (q * kp[:, :, :, a:a + H, b:b + W]).sum(2)
+        attn = masked_softmax_fp32(logits * self.scale, valid, dim=2).to(v.dtype)
+        out = attn[:, :, 0, None] * vp[:, :, :, :H, :W]
+        for t in range(1, k * k):
+            a, b = t // k, t % k
+            out += attn[:, :, t, None] * vp[:, :, :, a:a + H, b:b + W]
+        return out
 
 
 class SasaStem(nn.Module):
