@@ -1,8 +1,24 @@
-"""The timm model interface shared by the hierarchical (4-stage) backbones: ShiftViT, sMLPNet, DAT.
+"""The timm feature-extraction interface shared by visattn's backbones, and the base of the 4-stage ones.
 
-A subclass builds ``patch_embed``, ``stages`` (an ``nn.Sequential`` of stages with a ``grad_checkpointing`` flag), the
-final ``norm``, a timm ``ClassifierHead`` ``head``, ``feature_info`` and ``num_features``; every map is NCHW.
-No ``from __future__ import annotations`` here: timm's FX + TorchScript test scripts these methods' annotations.
+`FeatureIntermediates` gives timm's ``forward_intermediates`` and ``prune_intermediate_layers`` once for three
+layouts of taps (the entries of ``feature_info``), chosen by two class constants:
+
+- isotropic (``_fi_isotropic``: GFNet, AFNONet, S²-MLP): the taps are the blocks of ``blocks``, run one by one
+  (gradient checkpointing per block with the model's ``grad_checkpointing``); ``norm`` applies to every tap;
+- stages (the default: NAT, GFNet-H, ShiftViT, sMLPNet, DAT): the taps are the stages of ``stages``, each run whole
+  (a stage checkpoints its own blocks); ``norm`` applies to the last stage's tap only;
+- blocks of every stage (``_fi_block_taps``: S²-MLPv2): the taps are the blocks of ``stages[i].blocks``, numbered
+  over all stages, each stage's ``downsample`` run before its first block (checkpointing per block with the stage's
+  ``grad_checkpointing``); ``norm`` applies to the taps of the last stage only.
+
+``_embed(x)`` (default ``patch_embed(x)``) makes the first map; ``_fi_nhwc`` says the maps are [B, H, W, C] inside
+(then ``output_fmt='NCHW'`` permutes them); ``_fi_formats`` lists the ``output_fmt`` a model accepts. The constants
+are TorchScript constants, so a scripted model (or timm's ``FeatureGetterNet`` around it) compiles only its own
+branch. `StagedNet` adds the rest of timm's interface for the NCHW four-stage backbones (ShiftViT, sMLPNet, DAT): a
+subclass builds ``patch_embed``, ``stages`` (an ``nn.Sequential`` of stages with ``downsample``, ``blocks`` and a
+``grad_checkpointing`` flag), the final ``norm``, a timm ``ClassifierHead`` ``head``, ``feature_info`` and
+``num_features``. No ``from __future__ import annotations`` here: timm's FX + TorchScript test scripts these methods'
+annotations.
 """
 
 from typing import Any
@@ -11,24 +27,140 @@ import torch
 import torch.nn as nn
 from timm.layers import get_device_dtype
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
 from torch import Tensor
 
-__all__ = ['StagedNet', 'prune_isotropic']
+__all__ = ['FeatureIntermediates', 'StagedNet']
 
 
-def prune_isotropic(model: nn.Module, indices: int | list[int], prune_norm: bool, prune_head: bool) -> list[int]:
-    """``prune_intermediate_layers`` of an isotropic network (GFNet, S²-MLP: ``blocks``, ``norm``,
-    ``reset_classifier``): drop the blocks after the last one in ``indices``, and the norm and head if asked."""
-    take_indices, max_index = feature_take_indices(len(model.blocks), indices)
-    model.blocks = model.blocks[:max_index + 1]
-    if prune_norm:
-        model.norm = nn.Identity()
-    if prune_head:
-        model.reset_classifier(0, '')
-    return take_indices
+class FeatureIntermediates:
+    """Mixin of an ``nn.Module`` backbone: timm's ``forward_intermediates`` and ``prune_intermediate_layers`` over
+    its taps (see the module docstring for the three layouts and the class constants that choose them)."""
+
+    __constants__ = ['_fi_isotropic', '_fi_block_taps', '_fi_nhwc', '_fi_formats']
+    _fi_isotropic: bool = False
+    _fi_block_taps: bool = False
+    _fi_nhwc: bool = False
+    _fi_formats: tuple[str, ...] = ('NCHW',)
+
+    def _embed(self, x: Tensor) -> Tensor:
+        return self.patch_embed(x)
+
+    def _num_taps(self) -> int:
+        if self._fi_isotropic:
+            return len(self.blocks)
+        if self._fi_block_taps:
+            n = 0
+            for stage in self.stages:
+                n += len(stage.blocks)
+            return n
+        return len(self.stages)
+
+    def _tap(self, x: Tensor, normed: bool, output_fmt: str) -> Tensor:
+        feat = self.norm(x) if normed else x
+        if self._fi_nhwc and output_fmt == 'NCHW':
+            feat = feat.permute(0, 3, 1, 2)
+        return feat
+
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The maps at the chosen taps (the entries of ``feature_info``), and the final features.
+
+        Args:
+            x: [B, C, H, W] images.
+            indices: the last n taps if an int, these taps if a sequence, all if None.
+            norm: apply the final norm to the taps of the last stage (to every tap of an isotropic network).
+            stop_early: stop after the last tap taken (the final features are then that map, normalised only if
+                the last stage was reached).
+            output_fmt: ``'NCHW'`` (every model) or ``'NHWC'`` (the models whose maps are NHWC inside, where listed
+                in ``_fi_formats``).
+            intermediates_only: return only the intermediates.
+
+        Returns:
+            The intermediates, a list of [B, C_i, H_i, W_i] maps (or [B, H_i, W_i, C_i] for ``'NHWC'``), and before
+            them, unless ``intermediates_only``, the final features in the model's ``output_fmt`` (those of
+            ``forward_features`` when every tap was run).
+        """
+        if output_fmt not in self._fi_formats:
+            expected = ' or '.join([f"'{fmt}'" for fmt in self._fi_formats])
+            raise ValueError(f"output_fmt must be {expected}, got '{output_fmt}'")
+        take_indices, max_index = feature_take_indices(self._num_taps(), indices)
+        stop = max_index if stop_early else self._num_taps() - 1
+        intermediates: list[Tensor] = []
+        x = self._embed(x)
+        in_last = True
+        if self._fi_isotropic:
+            for i, blk in enumerate(self.blocks):
+                if i <= stop:
+                    if self.grad_checkpointing and not torch.jit.is_scripting():
+                        x = checkpoint(blk, x)
+                    else:
+                        x = blk(x)
+                    if i in take_indices:
+                        intermediates.append(self._tap(x, norm, output_fmt))
+        else:
+            last = len(self.stages) - 1
+            index = 0
+            for s, stage in enumerate(self.stages):
+                if index <= stop:
+                    in_last = s == last
+                    if self._fi_block_taps:
+                        x = stage.downsample(x)
+                        for blk in stage.blocks:
+                            if index <= stop:
+                                if stage.grad_checkpointing and not torch.jit.is_scripting():
+                                    x = checkpoint(blk, x)
+                                else:
+                                    x = blk(x)
+                                if index in take_indices:
+                                    intermediates.append(self._tap(x, norm and in_last, output_fmt))
+                            index += 1
+                    else:
+                        x = stage(x)
+                        if index in take_indices:
+                            intermediates.append(self._tap(x, norm and in_last, output_fmt))
+                        index += 1
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if in_last else x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the taps after the last one in ``indices``, and the norm and head if asked; where whole stages go,
+        the norm (sized for the last stage only) and the head go with them and ``num_features`` becomes the kept
+        tap's width. Returns the indices of the taps to take."""
+        take_indices, max_index = feature_take_indices(self._num_taps(), indices)
+        if self._fi_isotropic:
+            self.blocks = self.blocks[:max_index + 1]
+            keep = 0
+        elif self._fi_block_taps:
+            keep, first = 0, 0
+            while max_index >= first + len(self.stages[keep].blocks):
+                first += len(self.stages[keep].blocks)
+                keep += 1
+            self.stages[keep].blocks = self.stages[keep].blocks[:max_index - first + 1]
+        else:
+            keep = max_index
+        prune_end = not self._fi_isotropic and keep < len(self.stages) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if not self._fi_isotropic:
+            self.stages = self.stages[:keep + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
 
 
-class StagedNet(nn.Module):
+class StagedNet(FeatureIntermediates, nn.Module):
     """Base of the NCHW four-stage backbones: group matching, grad checkpointing, classifier reset, intermediates,
     pruning, ``forward_features`` / ``forward_head`` / ``forward``."""
 
@@ -57,57 +189,6 @@ class StagedNet(nn.Module):
         self.head_hidden_size = self.head.num_features
         if global_pool is not None:
             self.global_pool = global_pool
-
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """The stage outputs (strides 4, 8, 16, 32) as NCHW maps, and the final features.
-
-        Args:
-            x: [B, C, H, W] images.
-            indices: the last n stages if an int, these stages if a sequence, all if None.
-            norm: apply the final norm to the last stage's map.
-            stop_early: stop after the last stage taken.
-            output_fmt: ``'NCHW'``.
-            intermediates_only: return only the intermediates.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        last = len(self.stages) - 1
-        intermediates = []
-        x = self.patch_embed(x)
-        i = 0
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm and i == last else x)
-        if intermediates_only:
-            return intermediates
-        if i == last:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last one in ``indices`` (and the norm and head where they go with them)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()  # sized for the last stage only
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
         """[B, C, H, W] images -> the normalised last map [B, num_features, H/32, W/32]."""

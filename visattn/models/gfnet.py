@@ -58,13 +58,12 @@ from timm.layers import (
     trunc_normal_,
 )
 from timm.models import generate_default_cfgs
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
 from ..layers.gfnet import GlobalFilterNHWC, resize_global_filter
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import prune_isotropic
+from ._staged import FeatureIntermediates
 
 __all__ = ['GFNet', 'GFNetBlock', 'GFNetH', 'checkpoint_filter_fn']
 
@@ -134,8 +133,15 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-class _GFNetBase(nn.Module):
-    """The classifier side shared by `GFNet` and `GFNetH` (``head``, timm's head API)."""
+class _GFNetBase(FeatureIntermediates, nn.Module):
+    """What `GFNet` and `GFNetH` share: the embedding (patches plus the resized position embedding), timm's
+    intermediates on the NHWC maps (``'NCHW'`` or ``'NHWC'``) and the classifier side (``head``, timm's head API)."""
+
+    _fi_nhwc = True
+    _fi_formats = ('NCHW', 'NHWC')
+
+    def _embed(self, x: Tensor) -> Tensor:
+        return self.pos_drop(_add_pos_embed(self.patch_embed(x), self.pos_embed, self.grid_size))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -159,11 +165,6 @@ class _GFNetBase(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _check_fmt(output_fmt: str) -> None:
-    if output_fmt not in ('NCHW', 'NHWC'):
-        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-
-
 def _check_img_size(img_size: tuple[int, int], stride: int) -> None:
     if img_size[0] % stride or img_size[1] % stride or min(img_size) < stride:
         raise ValueError(f'img_size must be a multiple of {stride} on each side, got {img_size}')
@@ -171,6 +172,9 @@ def _check_img_size(img_size: tuple[int, int], stride: int) -> None:
 
 class GFNet(_GFNetBase):
     """The isotropic GFNet (Ti/XS/S/B), timm's model interface.
+
+    ``forward_intermediates`` / ``prune_intermediate_layers`` (`FeatureIntermediates`): the taps are the token maps
+    after every block (stride ``patch_size``), ``output_fmt`` ``'NCHW'`` or ``'NHWC'``; ``norm`` normalises each.
 
     Args:
         img_size: the training resolution; the filters and the position embedding are built for its token grid
@@ -190,6 +194,8 @@ class GFNet(_GFNetBase):
             `GlobalFilterNHWC`).
         device, dtype: factory arguments.
     """
+
+    _fi_isotropic = True
 
     def __init__(
             self,
@@ -246,50 +252,6 @@ class GFNet(_GFNetBase):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def _embed(self, x: Tensor) -> Tensor:
-        return self.pos_drop(_add_pos_embed(self.patch_embed(x), self.pos_embed, self.grid_size))
-
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """The token maps after the chosen blocks (stride 16) and the final features.
-
-        Args:
-            x: [B, C, H, W] images.
-            indices: the last n blocks if an int, these blocks if a sequence, all if None.
-            norm: apply the final norm to each intermediate.
-            stop_early: stop after the last block taken.
-            output_fmt: ``'NCHW'`` or ``'NHWC'``.
-            intermediates_only: return only the intermediates.
-        """
-        _check_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
-        intermediates = []
-        x = self._embed(x)
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x)
-            else:
-                x = blk(x)
-            if i in take_indices:
-                feat = self.norm(x) if norm else x
-                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else feat)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the blocks after the last one in ``indices`` (and the norm and head if asked)."""
-        return prune_isotropic(self, indices, prune_norm, prune_head)
-
     def forward_features(self, x: Tensor) -> Tensor:
         """[B, C, H, W] images -> the normalised token map [B, H/16, W/16, C]."""
         x = self._embed(x)
@@ -332,6 +294,9 @@ class GFNetStage(nn.Module):
 
 class GFNetH(_GFNetBase):
     """The hierarchical GFNet-H (Ti/S/B), timm's model interface.
+
+    ``forward_intermediates`` / ``prune_intermediate_layers`` (`FeatureIntermediates`): the taps are the four stage
+    outputs (strides 4, 8, 16, 32), ``output_fmt`` ``'NCHW'`` or ``'NHWC'``; ``norm`` normalises the last one.
 
     Args:
         img_size: the training resolution; the filters and the position embedding are built for the maps at it
@@ -416,60 +381,6 @@ class GFNetH(_GFNetBase):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    def _embed(self, x: Tensor) -> Tensor:
-        return self.pos_drop(_add_pos_embed(self.patch_embed(x), self.pos_embed, self.grid_size))
-
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """The stage outputs (strides 4, 8, 16, 32) and the final features.
-
-        Args:
-            x: [B, C, H, W] images.
-            indices: the last n stages if an int, these stages if a sequence, all if None.
-            norm: apply the final norm to the last stage's map.
-            stop_early: stop after the last stage taken.
-            output_fmt: ``'NCHW'`` or ``'NHWC'``.
-            intermediates_only: return only the intermediates.
-        """
-        _check_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        last = len(self.stages) - 1
-        intermediates = []
-        x = self._embed(x)
-        i = 0
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                feat = self.norm(x) if norm and i == last else x
-                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else feat)
-        if intermediates_only:
-            return intermediates
-        if i == last:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last one in ``indices`` (and the norm and head where they go with them)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()  # sized for the last stage only
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
         """[B, C, H, W] images -> the normalised last map [B, H/32, W/32, C]."""

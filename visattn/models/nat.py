@@ -46,12 +46,12 @@ import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath, Mlp, get_device_dtype, to_2tuple
 from timm.models import generate_default_cfgs
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
 from ..layers.na import NeighborhoodAttnNHWC
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
+from ._staged import FeatureIntermediates
 
 __all__ = ['NAT', 'NATLayer', 'NATStage', 'checkpoint_filter_fn', 'dinat_dilations']
 
@@ -179,8 +179,11 @@ def dinat_dilations(depths: Sequence[int], img_size: int | tuple[int, int] = 224
     return out
 
 
-class NAT(nn.Module):
+class NAT(FeatureIntermediates, nn.Module):
     """Neighborhood Attention Transformer (DiNAT with ``dilations``), timm's model interface.
+
+    ``forward_intermediates`` / ``prune_intermediate_layers`` (`FeatureIntermediates`): the taps are the four stage
+    outputs (strides 4, 8, 16, 32), returned NCHW (``output_fmt='NCHW'`` only); ``norm`` normalises the last one.
 
     Args:
         depths: layers per stage.
@@ -201,6 +204,8 @@ class NAT(nn.Module):
         norm_layer: norm over channels.
         device, dtype: factory arguments.
     """
+
+    _fi_nhwc = True
 
     def __init__(
             self,
@@ -303,58 +308,6 @@ class NAT(nn.Module):
         self.head_hidden_size = self.head.num_features
         if global_pool is not None:
             self.global_pool = global_pool
-
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """The stage outputs (strides 4, 8, 16, 32) as NCHW maps, and the final features.
-
-        Args:
-            x: [B, C, H, W] images.
-            indices: the last n stages if an int, these stages if a sequence, all if None.
-            norm: apply the final norm to the last stage's map.
-            stop_early: stop after the last stage taken.
-            output_fmt: ``'NCHW'``.
-            intermediates_only: return only the intermediates.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        last = len(self.stages) - 1
-        intermediates = []
-        x = self.patch_embed(x)
-        i = 0
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                feat = self.norm(x) if norm and i == last else x
-                intermediates.append(feat.permute(0, 3, 1, 2))
-        if intermediates_only:
-            return intermediates
-        if i == last:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last one in ``indices`` (and the norm and head where they go with them)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()  # sized for the last stage only
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
         """[B, C, H, W] images -> the normalised last map [B, H/32, W/32, num_features]."""

@@ -55,13 +55,12 @@ import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, ConvMlp, DropPath, LayerNorm2d, PatchEmbed, get_device_dtype, trunc_normal_
 from timm.models import generate_default_cfgs
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
 from ..layers.s2mlp import SpatialShiftMlp
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import StagedNet, prune_isotropic
+from ._staged import FeatureIntermediates, StagedNet
 from .gfnet import _quarter_ends
 
 __all__ = ['Affine2d', 'S2MLP', 'S2MLPBlock', 'S2MLPv2', 'S2MLPv2Stage', 'SpatialShiftMlpV2']
@@ -177,8 +176,11 @@ class _HeadMixin(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-class S2MLP(_HeadMixin):
+class S2MLP(FeatureIntermediates, _HeadMixin):
     """The isotropic S²-MLP (wide / deep), timm's model interface.
+
+    ``forward_intermediates`` / ``prune_intermediate_layers`` (`FeatureIntermediates`): the taps are the maps after
+    every block (stride ``patch_size``), NCHW; ``norm`` (none in S²-MLP: the identity) applies to each.
 
     Args:
         patch_size: side of the patches (the stride).
@@ -193,6 +195,8 @@ class S2MLP(_HeadMixin):
         drop_path_rate: stochastic depth, growing linearly over the blocks from 0.
         device, dtype: factory arguments.
     """
+
+    _fi_isotropic = True
 
     def __init__(
             self,
@@ -242,47 +246,6 @@ class S2MLP(_HeadMixin):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """The maps after the chosen blocks (stride ``patch_size``) and the final features.
-
-        Args:
-            x: [B, C, H, W] images.
-            indices: the last n blocks if an int, these blocks if a sequence, all if None.
-            norm: apply the final norm (none in S²-MLP: the identity) to each intermediate.
-            stop_early: stop after the last block taken.
-            output_fmt: ``'NCHW'``.
-            intermediates_only: return only the intermediates.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x)
-            else:
-                x = blk(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the blocks after the last one in ``indices`` (and the head if asked)."""
-        return prune_isotropic(self, indices, prune_norm, prune_head)
-
     def forward_features(self, x: Tensor) -> Tensor:
         """[B, C, H, W] images -> the last block's map [B, c, H/p, W/p]."""
         x = self.patch_embed(x)
@@ -315,6 +278,10 @@ class S2MLPv2Stage(nn.Module):
 class S2MLPv2(StagedNet):
     """S²-MLPv2 on ViP's pyramid, timm's model interface.
 
+    ``forward_intermediates`` / ``prune_intermediate_layers`` (`FeatureIntermediates`): the taps are the maps after
+    every block, numbered over both levels (strides 7, then 14), NCHW; ``norm`` applies to the last level's taps
+    only; pruning into the first level drops the norm (sized for the last level) and the head.
+
     Args:
         patch_size: side of the first level's patches (7).
         in_chans, num_classes, global_pool: timm's.
@@ -327,6 +294,8 @@ class S2MLPv2(StagedNet):
         drop_path_rate: stochastic depth, growing linearly over all blocks from 0.
         device, dtype: factory arguments.
     """
+
+    _fi_block_taps = True
 
     def __init__(
             self,
@@ -371,70 +340,6 @@ class S2MLPv2(StagedNet):
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                    input_fmt=self.output_fmt, **dd)
         self.apply(_init_weights)
-
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """The maps after the chosen blocks (numbered over both levels: strides 7, then 14) and the final features.
-
-        Args:
-            x: [B, C, H, W] images.
-            indices: the last n blocks if an int, these blocks if a sequence, all if None.
-            norm: apply the final norm to the maps of the last level's blocks.
-            stop_early: stop after the last block taken.
-            output_fmt: ``'NCHW'``.
-            intermediates_only: return only the intermediates.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(sum(len(s.blocks) for s in self.stages), indices)
-        last = len(self.stages) - 1
-        intermediates = []
-        x = self.patch_embed(x)
-        index, level = 0, 0
-        for i, stage in enumerate(self.stages):
-            if stop_early and index > max_index:
-                break
-            x = stage.downsample(x)
-            level = i
-            for blk in stage.blocks:
-                if stop_early and index > max_index:
-                    break
-                x = checkpoint(blk, x) if stage.grad_checkpointing and not torch.jit.is_scripting() else blk(x)
-                if index in take_indices:
-                    intermediates.append(self.norm(x) if norm and i == last else x)
-                index += 1
-        if intermediates_only:
-            return intermediates
-        return (self.norm(x) if level == last else x), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the blocks (and levels) after the last one in ``indices``; the norm and head where they go with
-        them (pruned into the first level: the norm, sized for the last level, and the head)."""
-        take_indices, max_index = feature_take_indices(sum(len(s.blocks) for s in self.stages), indices)
-        first, keep = 0, len(self.stages) - 1
-        for i, stage in enumerate(self.stages):
-            if max_index < first + len(stage.blocks):
-                stage.blocks = stage.blocks[:max_index - first + 1]
-                keep = i
-                break
-            first += len(stage.blocks)
-        prune_end = keep < len(self.stages) - 1
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()  # sized for the last level only
-        self.stages = self.stages[:keep + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
 
 
 _S2MLP: dict[str, dict[str, Any]] = {
