@@ -12,8 +12,10 @@ from torch import Tensor
 
 from .._dispatch import check_positive_int, check_qkv, check_scale, check_tensor, resolve_backend
 from .naive import neighborhood_attention_2d_naive, window_index
+from .torch_blocked import neighborhood_attention_2d_blocked
 
-__all__ = ['neighborhood_attention_2d', 'neighborhood_attention_2d_naive', 'window_index']
+__all__ = ['neighborhood_attention_2d', 'neighborhood_attention_2d_blocked', 'neighborhood_attention_2d_naive',
+           'window_index']
 
 _OP = 'neighborhood_attention_2d'
 
@@ -46,7 +48,8 @@ def neighborhood_attention_2d(
             (y, x) at ``rpb[h, (ky - y)/d + k - 1, (kx - x)/d + k - 1]`` (NAT's bias).
         scale: factor on q·k (default 1/sqrt(Dk)).
         backend: ``'auto'`` (Triton on CUDA, else PyTorch; ``VISATTN_BACKEND`` overrides), ``'torch'`` or
-            ``'triton'``.
+            ``'triton'``. The PyTorch path is `neighborhood_attention_2d_blocked` (query tiles against their key
+            bands as batched matmuls, the same function as the spec `neighborhood_attention_2d_naive`).
 
     Returns:
         [B, H, Hs, Ws, Dv] in the inputs' dtype (softmax and accumulation in float32).
@@ -77,4 +80,4 @@ def neighborhood_attention_2d(
 
         return neighborhood_attention_2d_triton(q, k, v, kernel_size=kernel_size, dilation=dilation, rpb=rpb,
                                                 scale=scale)
-    return neighborhood_attention_2d_naive(q, k, v, kernel_size, dilation, rpb, scale)
+    return neighborhood_attention_2d_blocked(q, k, v, kernel_size, dilation, rpb, scale)

@@ -1,10 +1,12 @@
-"""PyTorch path of 2-D neighbourhood attention: the spec, and the vectorised CPU path.
+"""The spec of 2-D neighbourhood attention in plain PyTorch (the op's PyTorch path is `torch_blocked`).
 
 Each query attends to a ``kernel_size × kernel_size`` neighbourhood of keys (every ``dilation``-th position).
 Borders as NATTEN: along each axis the window keeps its full size and shifts to stay inside the map, so
 every query sees exactly k×k keys. With dilation d, positions of one residue class ``i mod d`` form a
 sub-grid and the window lives in it. The loop runs over the k² window offsets (never over positions): each
-step gathers one key per query, so the memory is O(Hs·Ws·(D + k²)).
+step gathers one key per query, so the memory is O(Hs·Ws·(D + k²)) without autograd; with it, every gathered
+key and value is kept for the backward (O(Hs·Ws·k²·D)), and the backward of the advanced indexing is a slow
+scatter-add: `neighborhood_attention_2d_blocked` computes the same function by batched matmuls.
 """
 
 from __future__ import annotations
