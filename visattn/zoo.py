@@ -118,6 +118,10 @@ _SMLP = '"Sparse MLP for Image Recognition: Is Self-Attention Really Necessary?"
 _DBB = ('"Diverse Branch Block: Building a Convolution as an Inception-like Unit" (arXiv:2103.13425), Table 2, '
         'which gives no parameter count or FLOPs of the training-time ResNets')
 _FLOPS = 'FLOPs as printed (multiply-adds)'
+_SWIN = '"Swin Transformer: Hierarchical Vision Transformer using Shifted Windows" (arXiv:2103.14030), Table 1'
+_SWINV2 = ('"Swin Transformer V2: Scaling Up Capacity and Resolution" (arXiv:2111.09883): the released model table '
+           '(MODELHUB.md of microsoft/Swin-Transformer, SwinV2-T at 256², window 8); no table of the paper that we '
+           'found lists the parameters or FLOPs of this model')
 
 PAPER: dict[str, PaperFigures] = {
     'resnet50_se': _resnet_increment(
@@ -200,6 +204,10 @@ PAPER: dict[str, PaperFigures] = {
     'smlpnet_t': PaperFigures(_SMLP, 24, 5.0, top1=81.9, definition=_FLOPS),
     'smlpnet_s': PaperFigures(_SMLP, 49, 10.3, top1=83.1, definition=_FLOPS),
     'smlpnet_b': PaperFigures(_SMLP, 66, 14.0, top1=83.4, definition=_FLOPS),
+    'swin_t': PaperFigures(_SWIN, 28, 4.5, top1=81.3, definition=_FLOPS),
+    'swin_s': PaperFigures(_SWIN, 50, 8.7, top1=83.0, definition=_FLOPS),
+    'swin_b': PaperFigures(_SWIN, 88, 15.4, top1=83.5, definition=_FLOPS),
+    'swinv2_t': PaperFigures(_SWINV2, 28, 5.9, top1=81.8, resolution=256, definition=_FLOPS),
 }
 
 

@@ -20,6 +20,7 @@ DEEP += ('gfnet_xs', 'gfnet_s', 'gfnet_b', 'gfnet_h_s', 'gfnet_h_b')  # GFNet: g
 DEEP += ('shiftvit_s', 'shiftvit_b', 'smlpnet_s', 'smlpnet_b')  # shiftvit_t_light, smlpnet_t by default
 DEEP += ('resnet50_acnet', 'resnet18_dbb', 'resnet50_dbb')  # re-parameterisable ResNets: resnet18_acnet by default
 DEEP += ('s2mlp_wide', 's2mlpv2_medium')  # S²-MLP(v2): s2mlp_deep, s2mlpv2_small by default (afnonet_ti: one variant)
+DEEP += ('swin_s', 'swin_b')  # Swin: swin_t and swinv2_t by default
 DEEP_NAMES = ('shiftvit_t',)  # exact names, where a prefix would also catch the smallest variant (shiftvit_t_light)
 MODEL_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith(DEEP) or n in DEEP_NAMES else n
                 for n in MODELS]

@@ -123,6 +123,12 @@ class SelfAttn2d(nn.Module):
         ], dim=-1)  # [k, k, d_out]
         return r.reshape(k * k, self.num_heads, self.head_dim).transpose(0, 1)
 
+    def uncounted_macs(self, args: tuple[Tensor, ...], out: Tensor) -> int:
+        """Multiply-adds of ``q·k`` and of the weighted sum of values, which run as elementwise products and sums
+        that a FLOP counter does not see: d_out·k² per pixel each (``visattn.zoo.count_macs`` adds them)."""
+        x = args[0]
+        return 2 * x.shape[0] * self.out_channels * self.kernel_size ** 2 * x.shape[2] * x.shape[3]
+
     def forward(self, x: Tensor) -> Tensor:
         check_nchw(x, self.channels, 'SelfAttn2d')
         B, _, H, W = x.shape

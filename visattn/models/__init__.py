@@ -12,6 +12,7 @@ from .resnet import AttnResNet, ConvAttnBottleneck, PSABottleneck, SKBottleneck,
 from .selfattn import SelfAttnResNet, cot_layer
 from .shiftvit import ShiftViT
 from .smlpnet import SMLPNet
+from .swin import Swin
 from .vit import filter_fitting_weights, track_grid, vit_mixer_layer
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     'GFNet', 'GFNetH',
     'ShiftViT',
     'SMLPNet',
+    'Swin',
     'RepBasicBlock', 'RepBottleneck',
 ]
 
