@@ -10,7 +10,8 @@ import torch
 import visattn  # noqa: F401  (registers the models)
 
 
-@pytest.mark.parametrize('name,kwargs', [('gfnet_ti', dict(img_size=64)), pytest.param('s2mlpv2_small', {}, marks=pytest.mark.slow)])
+@pytest.mark.parametrize('name,kwargs', [
+    ('gfnet_ti', dict(img_size=64)), pytest.param('s2mlpv2_small', {}, marks=pytest.mark.slow)])
 def test_scripted_feature_extractor_equals_eager(name, kwargs):
     torch.manual_seed(42)
     model = timm.create_model(name, features_only=True, **kwargs).eval()

@@ -19,9 +19,10 @@ by ``Σ_j a_ij + 1e-6`` instead).
 
 Cost: a dense kernel, O(N²·D) per head, in transcendental functions (a sine and a logarithm per query, key and
 channel, where softmax attention has one exponential per query and key), so several times slower than ``full``
-at any length (registered with the kernel attentions of the ``linear`` family, but quadratic). In all O(N²·C) and an N×N weight matrix, like full attention; the
-``[n, N, D]`` differences are formed for blocks of queries (``block_elements``), so inference memory is O(N² + ·),
-while training keeps them for the backward, O(N²·D) (the released CUDA kernel recomputes them instead).
+at any length (registered with the kernel attentions of the ``linear`` family, but quadratic). In all O(N²·C) and
+an N×N weight matrix, like full attention; the ``[n, N, D]`` differences are formed for blocks of queries
+(``block_elements``), so inference memory is O(N² + ·), while training keeps them for the backward, O(N²·D) (the
+released CUDA kernel recomputes them instead).
 """
 
 from __future__ import annotations
