@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 from timm.layers import get_device_dtype
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
+from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import Tensor
 
-__all__ = ['FeatureIntermediates', 'StagedNet']
+__all__ = ['FeatureIntermediates', 'Stage', 'StagedNet']
 
 
 class FeatureIntermediates:
@@ -158,6 +158,23 @@ class FeatureIntermediates:
         if prune_head or prune_end:
             self.reset_classifier(0, '')
         return take_indices
+
+
+
+class Stage(nn.Module):
+    """A stage of a hierarchical backbone: ``self.downsample`` (a patch merging or ``nn.Identity``), then
+    ``self.blocks`` (an ``nn.Sequential``), both set by the subclass; timm's gradient checkpointing over the
+    blocks when ``grad_checkpointing`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
 
 
 class StagedNet(FeatureIntermediates, nn.Module):

@@ -58,13 +58,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, PatchEmbed, to_2tuple
 from timm.models import generate_default_cfgs
-from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
 from ..layers.deformable import DeformableAttn
 from ..layers.window import WindowAttn
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import StagedNet
+from ._staged import Stage, StagedNet
 
 __all__ = ['DAT', 'DATBlock', 'DATStage', 'checkpoint_filter_fn']
 
@@ -151,7 +150,7 @@ class DATBlock(nn.Module):
         return t.permute(0, 3, 1, 2)
 
 
-class DATStage(nn.Module):
+class DATStage(Stage):
     """A stage: the patch merging (stages after the first), then its blocks; [B, C, H, W] in and out."""
 
     def __init__(
@@ -171,13 +170,6 @@ class DATStage(nn.Module):
         self.blocks = nn.Sequential(*[
             DATBlock(dim, num_heads, kind, drop_path=drop_path[i], **dd, **block_kwargs)
             for i, kind in enumerate(kinds)])
-        self.grad_checkpointing = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
 
 def _stage_spec(depths: Sequence[int], deformable_stages: Sequence[bool]) -> list[list[str]]:

@@ -63,7 +63,7 @@ from torch import Tensor
 
 from ..layers.gfnet import GlobalFilterNHWC, resize_global_filter
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import FeatureIntermediates
+from ._staged import FeatureIntermediates, Stage
 
 __all__ = ['GFNet', 'GFNetBlock', 'GFNetH', 'checkpoint_filter_fn']
 
@@ -273,7 +273,7 @@ class Downsample(nn.Module):
         return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-class GFNetStage(nn.Module):
+class GFNetStage(Stage):
     """A GFNet-H stage: the downsampler (stages after the first), then its blocks; [B, H, W, C] in and out."""
 
     def __init__(self, dim_in: int, dim: int, depth: int, feat_size: tuple[int, int], drop_path: Sequence[float],
@@ -283,13 +283,6 @@ class GFNetStage(nn.Module):
         self.downsample = Downsample(dim_in, dim, **dd) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
             GFNetBlock(dim, feat_size, drop_path=drop_path[i], **dd, **block_kwargs) for i in range(depth)])
-        self.grad_checkpointing = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
 
 class GFNetH(_GFNetBase):

@@ -46,12 +46,11 @@ import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath, Mlp, get_device_dtype, to_2tuple
 from timm.models import generate_default_cfgs
-from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
 from ..layers.na import NeighborhoodAttnNHWC
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import FeatureIntermediates
+from ._staged import FeatureIntermediates, Stage
 
 __all__ = ['NAT', 'NATLayer', 'NATStage', 'checkpoint_filter_fn', 'dinat_dilations']
 
@@ -135,7 +134,7 @@ class NATLayer(nn.Module):
         return x + self.drop_path(y)
 
 
-class NATStage(nn.Module):
+class NATStage(Stage):
     """A stage: the downsampler (stages after the first), then its NAT layers; [B, H, W, C] in and out."""
 
     def __init__(
@@ -158,13 +157,6 @@ class NATStage(nn.Module):
             NATLayer(dim, num_heads, dilation=dilations[i], drop_path=drop_path[i], norm_layer=norm_layer, **dd,
                      **layer_kwargs)
             for i in range(depth)])
-        self.grad_checkpointing = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
 
 def dinat_dilations(depths: Sequence[int], img_size: int | tuple[int, int] = 224,

@@ -60,7 +60,7 @@ from torch import Tensor
 
 from ..layers.s2mlp import SpatialShiftMlp
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import FeatureIntermediates, StagedNet
+from ._staged import FeatureIntermediates, Stage, StagedNet
 from .gfnet import _quarter_ends
 
 __all__ = ['Affine2d', 'S2MLP', 'S2MLPBlock', 'S2MLPv2', 'S2MLPv2Stage', 'SpatialShiftMlpV2']
@@ -256,7 +256,7 @@ class S2MLP(FeatureIntermediates, _HeadMixin):
         return self.norm(x)
 
 
-class S2MLPv2Stage(nn.Module):
+class S2MLPv2Stage(Stage):
     """A level of S²-MLPv2: the 2×2 stride-2 conv (levels after the first), then its blocks; NCHW in and out."""
 
     def __init__(self, dim_in: int, dim: int, depth: int, drop_path: Sequence[float], downsample: bool,
@@ -266,13 +266,6 @@ class S2MLPv2Stage(nn.Module):
         self.downsample = nn.Conv2d(dim_in, dim, 2, stride=2, **dd) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
             S2MLPBlock(dim, version=2, drop_path=drop_path[i], **dd, **block_kwargs) for i in range(depth)])
-        self.grad_checkpointing = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
 
 class S2MLPv2(StagedNet):

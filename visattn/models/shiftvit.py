@@ -45,7 +45,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 import torch.nn as nn
 from timm.layers import (
     ClassifierHead,
@@ -58,12 +57,11 @@ from timm.layers import (
     trunc_normal_,
 )
 from timm.models import generate_default_cfgs
-from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
 from ..layers.shift import ShiftMixer
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import StagedNet
+from ._staged import Stage, StagedNet
 
 __all__ = ['ShiftViT', 'ShiftViTBlock', 'ShiftViTStage', 'checkpoint_filter_fn', 'resolve_norm_layer']
 
@@ -132,7 +130,7 @@ class ShiftViTBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class ShiftViTStage(nn.Module):
+class ShiftViTStage(Stage):
     """A stage: the patch merging (stages after the first), then its shift blocks; [B, C, H, W] in and out."""
 
     def __init__(
@@ -152,13 +150,6 @@ class ShiftViTStage(nn.Module):
         self.blocks = nn.Sequential(*[
             ShiftViTBlock(dim, drop_path=drop_path[i], norm_layer=norm_layer, **dd, **block_kwargs)
             for i in range(depth)])
-        self.grad_checkpointing = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
 
 class ShiftViT(StagedNet):

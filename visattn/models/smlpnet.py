@@ -44,16 +44,14 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, to_2tuple
 from timm.models import generate_default_cfgs
-from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
 from ..layers.smlp import SparseMlp
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import StagedNet
+from ._staged import Stage, StagedNet
 
 __all__ = ['SMLPNet', 'SMLPBlock', 'SMLPStage', 'checkpoint_filter_fn']
 
@@ -96,7 +94,7 @@ class SMLPBlock(nn.Module):
         return x + self.drop_path(y)
 
 
-class SMLPStage(nn.Module):
+class SMLPStage(Stage):
     """A stage: the 2×2 stride-2 downsampling conv (stages after the first), then its blocks; NCHW in and out."""
 
     def __init__(
@@ -115,13 +113,6 @@ class SMLPStage(nn.Module):
         self.downsample = nn.Conv2d(dim // 2, dim, 2, stride=2, bias=False, **dd) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
             SMLPBlock(dim, feat_size, drop_path=drop_path[i], **dd, **block_kwargs) for i in range(depth)])
-        self.grad_checkpointing = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
 
 class SMLPNet(StagedNet):

@@ -79,13 +79,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, resize_rel_pos_bias_table, to_2tuple
 from timm.models import generate_default_cfgs
-from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
 from .._utils import check_int
 from ..layers.window import WindowAttn, WindowAttnV2
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import StagedNet
+from ._staged import Stage, StagedNet
 
 __all__ = ['PatchMerging', 'Swin', 'SwinBlock', 'SwinStage', 'checkpoint_filter_fn']
 
@@ -190,7 +189,7 @@ class SwinBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class SwinStage(nn.Module):
+class SwinStage(Stage):
     """A stage: the patch merging (stages after the first), then blocks alternating shift 0 and ``M // 2``;
     [B, H, W, C] in and out."""
 
@@ -214,13 +213,6 @@ class SwinStage(nn.Module):
             SwinBlock(dim, num_heads, window_size, shift_size=window_size // 2 if j % 2 else 0, version=version,
                       drop_path=drop_path[j], **dd, **block_kwargs)
             for j in range(depth)])
-        self.grad_checkpointing = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
 
 class Swin(StagedNet):
