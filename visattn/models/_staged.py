@@ -1,4 +1,4 @@
-"""The timm feature-extraction interface shared by visattn's backbones, and the base of the 4-stage ones.
+"""timm's feature-extraction and model interface, shared by visattn's isotropic and hierarchical backbones.
 
 `FeatureIntermediates` gives timm's ``forward_intermediates`` and ``prune_intermediate_layers`` once for three
 layouts of taps (the entries of ``feature_info``), chosen by two class constants:
@@ -14,23 +14,30 @@ layouts of taps (the entries of ``feature_info``), chosen by two class constants
 ``_embed(x)`` (default ``patch_embed(x)``) makes the first map; ``_fi_nhwc`` says the maps are [B, H, W, C] inside
 (then ``output_fmt='NCHW'`` permutes them); ``_fi_formats`` lists the ``output_fmt`` a model accepts. The constants
 are TorchScript constants, so a scripted model (or timm's ``FeatureGetterNet`` around it) compiles only its own
-branch. `StagedNet` adds the rest of timm's interface for the NCHW four-stage backbones (ShiftViT, sMLPNet, DAT): a
-subclass builds ``patch_embed``, ``stages`` (an ``nn.Sequential`` of stages with ``downsample``, ``blocks`` and a
-``grad_checkpointing`` flag), the final ``norm``, a timm ``ClassifierHead`` ``head``, ``feature_info`` and
-``num_features``. No ``from __future__ import annotations`` here: timm's FX + TorchScript test scripts these methods'
-annotations.
+branch.
+
+`ClassifierNet` gives the rest of timm's interface on the same constants, for every layout: ``group_matcher`` (the stem
+``_group_stem``), ``set_grad_checkpointing``, ``forward_features`` (``_embed``, the blocks or stages, ``norm``),
+``forward_head``, ``forward``, and ``get_classifier`` / ``reset_classifier`` over a timm ``ClassifierHead`` ``head``,
+which ``_init_head`` builds with the final ``norm`` and timm's attributes (``output_fmt`` is ``'NHWC'`` where
+``_fi_nhwc``). `StagedNet` is the same for the hierarchical backbones: a subclass builds ``patch_embed``, ``stages``
+(an ``nn.Sequential`` of `Stage`: ``downsample``, ``blocks``, a ``grad_checkpointing`` flag) and ``feature_info``,
+then calls ``_init_head`` (or sets ``norm``, ``head`` and the attributes itself). `drop_path_rates` is the
+stochastic-depth rule that most backbones share. No ``from __future__ import annotations`` here: timm's FX +
+TorchScript test scripts these methods' annotations.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import get_device_dtype
+from timm.layers import ClassifierHead, get_device_dtype
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import Tensor
 
-__all__ = ['FeatureIntermediates', 'Stage', 'StagedNet']
+__all__ = ['ClassifierNet', 'FeatureIntermediates', 'Stage', 'StagedNet', 'drop_path_rates']
 
 
 class FeatureIntermediates:
@@ -160,7 +167,6 @@ class FeatureIntermediates:
         return take_indices
 
 
-
 class Stage(nn.Module):
     """A stage of a hierarchical backbone: ``self.downsample`` (a patch merging or ``nn.Identity``), then
     ``self.blocks`` (an ``nn.Sequential``), both set by the subclass; timm's gradient checkpointing over the
@@ -177,14 +183,32 @@ class Stage(nn.Module):
         return self.blocks(x)
 
 
-class StagedNet(FeatureIntermediates, nn.Module):
-    """Base of the NCHW four-stage backbones: group matching, grad checkpointing, classifier reset, intermediates,
-    pruning, ``forward_features`` / ``forward_head`` / ``forward``."""
+class ClassifierNet(FeatureIntermediates, nn.Module):
+    """timm's model interface of a backbone laid out as `FeatureIntermediates` says (isotropic ``blocks`` or
+    ``stages``): group matching, gradient checkpointing, ``forward_features`` / ``forward_head`` / ``forward`` and
+    the classifier (``_init_head``, ``get_classifier``, ``reset_classifier``)."""
+
+    _group_stem: str = r'^patch_embed'
+
+    def _init_head(self, norm: nn.Module, num_features: int, in_chans: int, num_classes: int, global_pool: str,
+                   drop_rate: float, device=None, dtype=None) -> None:
+        """Set timm's attributes, the final ``norm`` and the ``head`` (a timm ``ClassifierHead`` over
+        ``num_features`` channels of ``output_fmt`` maps: ``'NHWC'`` where ``_fi_nhwc``, else ``'NCHW'``)."""
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.output_fmt = 'NHWC' if self._fi_nhwc else 'NCHW'
+        self.num_features = self.head_hidden_size = num_features
+        self.norm = norm
+        self.head = ClassifierHead(num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                   input_fmt=self.output_fmt, device=device, dtype=dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        if self._fi_isotropic:
+            return dict(stem=self._group_stem, blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
         return dict(
-            stem=r'^patch_embed',
+            stem=self._group_stem,
             blocks=r'^stages\.(\d+)' if coarse else [
                 (r'^stages\.(\d+)\.downsample', (0,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
@@ -193,8 +217,11 @@ class StagedNet(FeatureIntermediates, nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
+        if self._fi_isotropic:
+            self.grad_checkpointing = enable
+        else:
+            for stage in self.stages:
+                stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -208,11 +235,34 @@ class StagedNet(FeatureIntermediates, nn.Module):
             self.global_pool = global_pool
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """[B, C, H, W] images -> the normalised last map [B, num_features, H/32, W/32]."""
-        return self.norm(self.stages(self.patch_embed(x)))
+        """[B, C, H, W] images -> the normalised last map ([B, num_features, H/s, W/s], or [B, H/s, W/s,
+        num_features] where ``output_fmt`` is ``'NHWC'``; s the total stride)."""
+        x = self._embed(x)
+        if self._fi_isotropic:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(self.blocks, x)
+            else:
+                x = self.blocks(x)
+        else:
+            x = self.stages(x)
+        return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class StagedNet(ClassifierNet):
+    """Base of the hierarchical backbones (NAT, ShiftViT, sMLPNet, DAT, Swin, S²-MLPv2): `ClassifierNet`
+    over ``stages`` (see the module docstring for what a subclass builds)."""
+
+
+def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
+    """Stochastic depth growing linearly from 0 to ``rate`` over all ``sum(depths)`` blocks (the released
+    ``linspace(0, rate, blocks)`` of most backbones), split per stage: one list of ``depths[i]`` rates per stage."""
+    total = sum(depths)
+    rates = [rate * i / max(total - 1, 1) for i in range(total)]
+    return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
+

@@ -46,24 +46,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import (
-    ClassifierHead,
-    DropPath,
-    LayerNorm,
-    Mlp,
-    PatchEmbed,
-    get_device_dtype,
-    resample_abs_pos_embed,
-    to_2tuple,
-    trunc_normal_,
-)
+from timm.layers import DropPath, LayerNorm, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs
-from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
 from ..layers.gfnet import GlobalFilterNHWC, resize_global_filter
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import FeatureIntermediates, Stage
+from ._staged import ClassifierNet, Stage, drop_path_rates
 
 __all__ = ['GFNet', 'GFNetBlock', 'GFNetH', 'checkpoint_filter_fn']
 
@@ -116,11 +105,6 @@ def _add_pos_embed(x: Tensor, pos_embed: Tensor, grid: list[int]) -> Tensor:
     return x + pos.reshape(1, H, W, -1)
 
 
-def _dpr(rate: float, total: int) -> list[float]:
-    """Stochastic depth growing linearly from 0 to ``rate`` over ``total`` blocks (the released linspace)."""
-    return [rate * i / max(total - 1, 1) for i in range(total)]
-
-
 def _init_weights(m: nn.Module) -> None:
     """The released init: Linear trunc-normal (std 0.02) with zero bias, LayerNorm 1 / 0; convs as built, filters
     N(0, 0.02²) (`GlobalFilter.reset_parameters`)."""
@@ -133,12 +117,13 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-class _GFNetBase(FeatureIntermediates, nn.Module):
-    """What `GFNet` and `GFNetH` share: the embedding (patches plus the resized position embedding), timm's
-    intermediates on the NHWC maps (``'NCHW'`` or ``'NHWC'``) and the classifier side (``head``, timm's head API)."""
+class _GFNetBase(ClassifierNet):
+    """What `GFNet` and `GFNetH` share: the embedding (patches plus the resized position embedding, in the stem
+    group) and timm's interface on the NHWC maps (`ClassifierNet`; intermediates ``'NCHW'`` or ``'NHWC'``)."""
 
     _fi_nhwc = True
     _fi_formats = ('NCHW', 'NHWC')
+    _group_stem = r'^patch_embed|^pos_embed'
 
     def _embed(self, x: Tensor) -> Tensor:
         return self.pos_drop(_add_pos_embed(self.patch_embed(x), self.pos_embed, self.grid_size))
@@ -146,23 +131,6 @@ class _GFNetBase(FeatureIntermediates, nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {'pos_embed'}
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **get_device_dtype(self))
-        self.head_hidden_size = self.head.num_features
-        if global_pool is not None:
-            self.global_pool = global_pool
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _check_img_size(img_size: tuple[int, int], stride: int) -> None:
@@ -221,45 +189,22 @@ class GFNet(_GFNetBase):
         dd = dict(device=device, dtype=dtype)
         self.img_size = to_2tuple(img_size)
         _check_img_size(self.img_size, patch_size)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.output_fmt = 'NHWC'
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim, output_fmt='NHWC',
                                       strict_img_size=False, **dd)
         self.grid_size = [self.patch_embed.grid_size[0], self.patch_embed.grid_size[1]]
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        dpr = _dpr(drop_path_rate, depth)
+        dpr = drop_path_rates(drop_path_rate, [depth])[0]
         self.blocks = nn.Sequential(*[
             GFNetBlock(embed_dim, tuple(self.grid_size), mlp_ratio, proj_drop=proj_drop_rate, drop_path=dpr[i],
                        layer_scale=layer_scale, norm_layer=norm_layer, filter_layer=filter_layer, **dd)
             for i in range(depth)])
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'blocks.{i}') for i in range(depth)]
-        self.norm = norm_layer(embed_dim, **dd)
-        self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt, **dd)
+        self._init_head(norm_layer(embed_dim, **dd), embed_dim, in_chans, num_classes, global_pool, drop_rate, **dd)
         self.grad_checkpointing = False
         trunc_normal_(self.pos_embed, std=.02)
         self.apply(_init_weights)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r'^patch_embed|^pos_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """[B, C, H, W] images -> the normalised token map [B, H/16, W/16, C]."""
-        x = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
 
 
 class Downsample(nn.Module):
@@ -333,51 +278,24 @@ class GFNetH(_GFNetBase):
             raise ValueError(f'embed_dims must give one value per stage ({num_stages}), got {list(embed_dims)}')
         self.img_size = to_2tuple(img_size)
         _check_img_size(self.img_size, 4 * 2 ** (num_stages - 1))
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.output_fmt = 'NHWC'
-        self.num_features = self.head_hidden_size = embed_dims[-1]
         self.patch_embed = PatchEmbed(self.img_size, 4, in_chans, embed_dims[0], output_fmt='NHWC',
                                       strict_img_size=False, **dd)
         self.grid_size = [self.patch_embed.grid_size[0], self.patch_embed.grid_size[1]]
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dims[0], **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        dpr = _dpr(drop_path_rate, sum(depths))
+        dpr = drop_path_rates(drop_path_rate, depths)
         stages, self.feature_info = [], []
         for i in range(num_stages):
-            first = sum(depths[:i])
             feat = (self.grid_size[0] // 2 ** i, self.grid_size[1] // 2 ** i)
             stages.append(GFNetStage(
-                embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], feat, dpr[first:first + depths[i]],
-                downsample=i > 0, mlp_ratio=mlp_ratio, proj_drop=proj_drop_rate, layer_scale=layer_scale,
-                norm_layer=norm_layer, **dd))
+                embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], feat, dpr[i], downsample=i > 0,
+                mlp_ratio=mlp_ratio, proj_drop=proj_drop_rate, layer_scale=layer_scale, norm_layer=norm_layer, **dd))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features, **dd)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt, **dd)
+        self._init_head(norm_layer(embed_dims[-1], **dd), embed_dims[-1], in_chans, num_classes, global_pool,
+                        drop_rate, **dd)
         trunc_normal_(self.pos_embed, std=.02)
         self.apply(_init_weights)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(
-            stem=r'^patch_embed|^pos_embed',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """[B, C, H, W] images -> the normalised last map [B, H/32, W/32, C]."""
-        return self.norm(self.stages(self._embed(x)))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: GFNet | GFNetH) -> dict[str, Tensor]:

@@ -44,13 +44,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath, Mlp, get_device_dtype, to_2tuple
+from timm.layers import DropPath, Mlp, to_2tuple
 from timm.models import generate_default_cfgs
 from torch import Tensor
 
 from ..layers.na import NeighborhoodAttnNHWC
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import FeatureIntermediates, Stage
+from ._staged import Stage, StagedNet, drop_path_rates
 
 __all__ = ['NAT', 'NATLayer', 'NATStage', 'checkpoint_filter_fn', 'dinat_dilations']
 
@@ -171,11 +171,12 @@ def dinat_dilations(depths: Sequence[int], img_size: int | tuple[int, int] = 224
     return out
 
 
-class NAT(FeatureIntermediates, nn.Module):
+class NAT(StagedNet):
     """Neighborhood Attention Transformer (DiNAT with ``dilations``), timm's model interface.
 
     ``forward_intermediates`` / ``prune_intermediate_layers`` (`FeatureIntermediates`): the taps are the four stage
     outputs (strides 4, 8, 16, 32), returned NCHW (``output_fmt='NCHW'`` only); ``norm`` normalises the last one.
+    ``forward_features`` returns the normalised last map [B, H/32, W/32, num_features] (`StagedNet`).
 
     Args:
         depths: layers per stage.
@@ -232,30 +233,20 @@ class NAT(FeatureIntermediates, nn.Module):
         if [len(d) for d in dilations] != list(depths):
             raise ValueError(f'dilations must give one value per layer of each stage (depths {list(depths)}), '
                              f'got {dilations}')
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
         self.img_size = to_2tuple(img_size)
-        self.output_fmt = 'NHWC'
         self.dilations = dilations
         dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
-        self.num_features = self.head_hidden_size = dims[-1]
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, norm_layer, **dd)
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # NAT's linspace(0, rate, layers)
+        dpr = drop_path_rates(drop_path_rate, depths)  # NAT's linspace(0, rate, layers)
         stages, self.feature_info = [], []
         for i in range(num_stages):
-            first = sum(depths[:i])
             stages.append(NATStage(
-                dims[i], depths[i], num_heads[i], dilations[i], dpr[first:first + depths[i]], downsample=i > 0,
-                norm_layer=norm_layer, kernel_size=kernel_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                qk_scale=qk_scale, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, layer_scale=layer_scale,
-                pad_mode=pad_mode, **dd))
+                dims[i], depths[i], num_heads[i], dilations[i], dpr[i], downsample=i > 0, norm_layer=norm_layer,
+                kernel_size=kernel_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, layer_scale=layer_scale, pad_mode=pad_mode, **dd))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features, **dd)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt, **dd)
+        self._init_head(norm_layer(dims[-1], **dd), dims[-1], in_chans, num_classes, global_pool, drop_rate, **dd)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -274,42 +265,6 @@ class NAT(FeatureIntermediates, nn.Module):
     def no_weight_decay(self) -> set[str]:
         """The relative position biases (NAT's ``no_weight_decay_keywords``)."""
         return {n for n, _ in self.named_parameters() if n.endswith('.rpb')}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(
-            stem=r'^patch_embed',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **get_device_dtype(self))
-        self.head_hidden_size = self.head.num_features
-        if global_pool is not None:
-            self.global_pool = global_pool
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """[B, C, H, W] images -> the normalised last map [B, H/32, W/32, num_features]."""
-        return self.norm(self.stages(self.patch_embed(x)))
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: NAT) -> dict[str, Tensor]:

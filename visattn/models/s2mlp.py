@@ -53,14 +53,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, ConvMlp, DropPath, LayerNorm2d, PatchEmbed, get_device_dtype, trunc_normal_
+from timm.layers import ConvMlp, DropPath, LayerNorm2d, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs
-from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
 from ..layers.s2mlp import SpatialShiftMlp
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import FeatureIntermediates, Stage, StagedNet
+from ._staged import ClassifierNet, Stage, StagedNet, drop_path_rates
 from .gfnet import _quarter_ends
 
 __all__ = ['Affine2d', 'S2MLP', 'S2MLPBlock', 'S2MLPv2', 'S2MLPv2Stage', 'SpatialShiftMlpV2']
@@ -144,10 +143,6 @@ class S2MLPBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def _dpr(rate: float, total: int) -> list[float]:
-    return [rate * i / max(total - 1, 1) for i in range(total)]
-
-
 def _init_weights(m: nn.Module) -> None:
     """Linear and 1×1-conv weights trunc-normal (std 0.02) with zero bias (the DeiT/ViP recipe the papers train
     with); the patch embeddings keep PyTorch's conv init."""
@@ -157,26 +152,7 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class _HeadMixin(nn.Module):
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **get_device_dtype(self))
-        self.head_hidden_size = self.head.num_features
-        if global_pool is not None:
-            self.global_pool = global_pool
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class S2MLP(FeatureIntermediates, _HeadMixin):
+class S2MLP(ClassifierNet):
     """The isotropic S²-MLP (wide / deep), timm's model interface.
 
     ``forward_intermediates`` / ``prune_intermediate_layers`` (`FeatureIntermediates`): the taps are the maps after
@@ -219,41 +195,19 @@ class S2MLP(FeatureIntermediates, _HeadMixin):
         if depth < 1:
             raise ValueError(f'depth must be >= 1, got {depth}')
         norm = _norm_layer(norm_layer)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.output_fmt = 'NCHW'
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                                       norm_layer=norm, flatten=False, output_fmt='NCHW', strict_img_size=False, **dd)
-        dpr = _dpr(drop_path_rate, depth)
+        dpr = drop_path_rates(drop_path_rate, [depth])[0]
         self.blocks = nn.Sequential(*[
             S2MLPBlock(embed_dim, mlp_ratio, version=1, norm_layer=norm, proj_drop=proj_drop_rate, drop_path=dpr[i],
                        **dd)
             for i in range(depth)])
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'blocks.{i}') for i in range(depth)]
-        self.norm = nn.Identity()  # the paper pools the last block's output directly
-        self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt, **dd)
+        # no norm after the last block: the paper pools its output directly
+        self._init_head(nn.Identity(), embed_dim, in_chans, num_classes, global_pool, drop_rate, **dd)
         self.grad_checkpointing = False
         self.apply(_init_weights)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r'^patch_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """[B, C, H, W] images -> the last block's map [B, c, H/p, W/p]."""
-        x = self.patch_embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
 
 
 class S2MLPv2Stage(Stage):
@@ -311,27 +265,20 @@ class S2MLPv2(StagedNet):
         if not depths or len(embed_dims) != len(depths) or any(int(d) < 1 for d in depths):
             raise ValueError(f'embed_dims and depths must give one value per level (depths >= 1), got '
                              f'{list(embed_dims)} and {list(depths)}')
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.output_fmt = 'NCHW'
-        self.num_features = self.head_hidden_size = embed_dims[-1]
         self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dims[0], flatten=False, output_fmt='NCHW',
                                       strict_img_size=False, **dd)
-        dpr = _dpr(drop_path_rate, sum(depths))
+        dpr = drop_path_rates(drop_path_rate, depths)
         stages, self.feature_info = [], []
         for i, depth in enumerate(depths):
-            first = sum(depths[:i])
             stages.append(S2MLPv2Stage(
-                embed_dims[max(i - 1, 0)], embed_dims[i], depth, dpr[first:first + depth], downsample=i > 0,
-                mlp_ratio=mlp_ratio, attn_ratio=attn_ratio, proj_drop=proj_drop_rate, **dd))
+                embed_dims[max(i - 1, 0)], embed_dims[i], depth, dpr[i], downsample=i > 0, mlp_ratio=mlp_ratio,
+                attn_ratio=attn_ratio, proj_drop=proj_drop_rate, **dd))
             self.feature_info += [dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i,
                                        module=f'stages.{i}.blocks.{j}') for j in range(depth)]
         self.stages = nn.Sequential(*stages)
-        self.norm = LayerNorm2d(self.num_features, **dd)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt, **dd)
+        self._init_head(LayerNorm2d(embed_dims[-1], **dd), embed_dims[-1], in_chans, num_classes, global_pool,
+                        drop_rate, **dd)
         self.apply(_init_weights)
 
 
