@@ -208,6 +208,44 @@ PAPER: dict[str, PaperFigures] = {
     'swin_s': PaperFigures(_SWIN, 50, 8.7, top1=83.0, definition=_FLOPS),
     'swin_b': PaperFigures(_SWIN, 88, 15.4, top1=83.5, definition=_FLOPS),
     'swinv2_t': PaperFigures(_SWINV2, 28, 5.9, top1=81.8, resolution=256, definition=_FLOPS),
+    **{name: PaperFigures(
+        '"VOLO: Vision Outlooker for Visual Recognition" (arXiv:2106.13112): its model table (parameters, FLOPs at '
+        '224², as quoted in visattn issue 14; the parameters also in the released README of sail-sg/volo, which gives '
+        'the top-1 at 224²)', params, gmacs, top1=top1, definition=_FLOPS, mismatch=mismatch, note=note)
+       for name, params, gmacs, top1, mismatch, note in (
+           ('volo_d1', 27, 6.8, 84.2, '', ''),
+           ('volo_d2', 59, 14.1, 85.2, '', ''),
+           ('volo_d3', 86, 20.6, 85.4, '', ''),
+           ('volo_d4', 193, 43.8, 85.7, '', ''),
+           ('volo_d5', 296, 69.0, 86.1,
+            "the paper's 69.0 G is what VOLO-D5 costs with the 64-channel stem of D1-D4 (69.10 G here); the released "
+            "D5, timm's and ours have a 128-channel stem (its two 3×3 convs at 112² cost 3.2 G more: 72.30 G), whose "
+            "parameters the paper's 296M does count",
+            "at 224² VOLO-D5 has 295.46M parameters; the paper's 296M is its count at the fine-tuned 448² / 512² "
+            "(a 28² / 32² position embedding: 295.91M / 296.09M)"))},
+    **{name: PaperFigures(
+        '"MobileViT: Light-weight, General-purpose, and Mobile-friendly Vision Transformer" (arXiv:2110.02178), '
+        'Table 4 (parameters) and its ImageNet-1k table (top-1 at 256²)' + (
+            '; Table 3 (FLOPs of MobileViT-XS)' if gmacs else ''), params, gmacs, top1=top1, resolution=256,
+        definition='FLOPs as printed, without the input size or what is counted' if gmacs else '',
+        mismatch=(
+            "the paper's 0.7 G (Table 3, its only cost figure) states neither the input size nor what it counts; "
+            "ours at the paper's 256² classification input is 1.026 G (timm's mobilevit_xs: the same), of which "
+            "0.117 G are the attention's products QKᵀ and AV; at 224² without them ours is 0.703 G, the paper's "
+            "figure, which is so likely taken at 224² over the convolutions and linear layers only") if gmacs else '',
+        note=('' if gmacs else "the paper and its released tables (ml-cvnets' model zoo: parameters and top-1) give "
+              "no multiply-adds for this model; the card's count is ours, equal to timm's for its "
+              f"{timm_name} (mmpretrain's table of the converted release weights prints {mm} G at 256²)"))
+       for name, timm_name, params, gmacs, top1, mm in (
+           ('mobilevit_xx_small', 'mobilevit_xxs', 1.3, None, 69.0, 0.42),
+           ('mobilevit_x_small', 'mobilevit_xs', 2.3, 0.7, 74.8, 1.05),
+           ('mobilevit_small', 'mobilevit_s', 5.6, None, 78.4, 2.03))},
+    **{f'poolformerv1_{size}': PaperFigures(
+        '"MetaFormer Is Actually What You Need for Vision" (arXiv:2111.11418), Table 1 (parameters, MACs); top-1 as '
+        "in the released README's table (sail-sg/poolformer)", params, macs, top1=top1,
+        definition='MACs as printed (multiply-adds)')
+       for size, params, macs, top1 in (('s12', 12, 1.8, 77.2), ('s24', 21, 3.4, 80.3), ('s36', 31, 5.0, 81.4),
+                                        ('m36', 56, 8.8, 82.1), ('m48', 73, 11.6, 82.5))},
 }
 
 

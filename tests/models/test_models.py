@@ -21,6 +21,9 @@ DEEP += ('shiftvit_s', 'shiftvit_b', 'smlpnet_s', 'smlpnet_b')  # shiftvit_t_lig
 DEEP += ('resnet50_acnet', 'resnet18_dbb', 'resnet50_dbb')  # re-parameterisable ResNets: resnet18_acnet by default
 DEEP += ('s2mlp_wide', 's2mlpv2_medium')  # S²-MLP(v2): s2mlp_deep, s2mlpv2_small by default (afnonet_ti: one variant)
 DEEP += ('swin_s', 'swin_b')  # Swin: swin_t and swinv2_t by default
+DEEP += ('poolformerv1_s24', 'poolformerv1_s36', 'poolformerv1_m')  # PoolFormer: poolformerv1_s12 by default
+DEEP += ('mobilevit_x_small', 'mobilevit_small')  # MobileViT: mobilevit_xx_small by default
+DEEP += ('volo_d2', 'volo_d3', 'volo_d4', 'volo_d5')  # VOLO: volo_d1 by default
 DEEP_NAMES = ('shiftvit_t',)  # exact names, where a prefix would also catch the smallest variant (shiftvit_t_light)
 MODEL_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith(DEEP) or n in DEEP_NAMES else n
                 for n in MODELS]

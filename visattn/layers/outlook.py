@@ -23,7 +23,8 @@ The parameter names ``v``, ``attn``, ``proj`` are timm's (``nn.Linear``), so tim
 on an NCHW map, this block computes timm's function (tested to float64 precision at any H×W, including sizes the
 stride does not divide: timm pools in ceil mode there too). timm reshapes the pooled map onto the window grid, which
 only agrees for ``padding = kernel_size // 2`` with an odd k; other paddings are refused here (they would give a
-different number of windows than pooled positions). The three projections run as batched GEMMs on the NCHW map.
+different number of windows than pooled positions). The three projections run as batched GEMMs on the NCHW map;
+``forward_nhwc`` computes the same function on a channels-last map [B, H, W, C] (VOLO's layout, `visattn.models.volo`).
 """
 
 from __future__ import annotations
@@ -110,15 +111,39 @@ class OutlookAttn(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_nchw(x, self.channels, 'OutlookAttn')
         B, C, H, W = x.shape
+        v = _pointwise(self.v.weight, self.v.bias, x.reshape(B, C, H * W)).view(B, C, H, W)
+        L = (-(-H // self.stride)) * (-(-W // self.stride))  # windows = pooled positions
+        logits = _pointwise(self.attn.weight, self.attn.bias, self.pool(x).reshape(B, C, L))
+        k2 = self.kernel_size * self.kernel_size
+        logits = logits.view(B, self.num_heads, k2, k2, L)
+        y = self._fold(v, logits.permute(0, 1, 4, 2, 3)).to(x.dtype)
+        return self.proj_drop(_pointwise(self.proj.weight, self.proj.bias, y.view(B, C, H * W)).view(B, C, H, W))
+
+    def forward_nhwc(self, x: Tensor) -> Tensor:
+        """The same function on a channels-last map, x: [B, H, W, C] -> [B, H, W, C] (the layout of VOLO's blocks:
+        the projections are plain linear layers over the last dimension, no permuted copies of x or of the output).
+        Not a module call: a ``torch.fx`` trace must treat the block that calls it as a leaf."""
+        if x.dim() != 4 or x.shape[-1] != self.channels:
+            raise ValueError(f'OutlookAttn.forward_nhwc: x must be [B, H, W, {self.channels}], got shape '
+                             f'{list(x.shape)}')
+        B, H, W, C = x.shape
+        k2 = self.kernel_size * self.kernel_size
+        v = self.v(x).permute(0, 3, 1, 2)  # [B, C, H, W] view
+        pooled = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [B, H/s, W/s, C]
+        L = pooled.shape[1] * pooled.shape[2]
+        logits = self.attn(pooled).reshape(B, L, self.num_heads, k2, k2).permute(0, 2, 1, 3, 4)
+        y = self._fold(v, logits).to(x.dtype)  # [B, C, H, W]
+        return self.proj_drop(self.proj(y.permute(0, 2, 3, 1)))
+
+    def _fold(self, v: Tensor, logits: Tensor) -> Tensor:
+        """The windows' weighted values folded back: v [B, C, H, W] (any strides), logits [B, N, L, a, j] ->
+        [B, C, H, W] in ``promote_types(dtype, float32)``."""
+        B, C, H, W = v.shape
         N, D, k, s, p = self.num_heads, self.head_dim, self.kernel_size, self.stride, self.padding
         k2 = k * k
-        L = (-(-H // s)) * (-(-W // s))  # windows = pooled positions
-        v = _pointwise(self.v.weight, self.v.bias, x.reshape(B, C, H * W)).view(B, C, H, W)
+        L = logits.shape[2]
         v = F.unfold(v, k, padding=p, stride=s).view(B, N, D, k2, L)  # [B, N, D, j, L]
-        logits = _pointwise(self.attn.weight, self.attn.bias, self.pool(x).reshape(B, C, L))
-        logits = logits.view(B, N, k2, k2, L).permute(0, 1, 4, 2, 3)  # [B, N, L, a, j]
         attn = self.attn_drop(softmax_fp32(logits * self.scale, dim=-1))
         y = attn @ v.permute(0, 1, 4, 3, 2).to(attn.dtype)  # [B, N, L, a, D]
         y = y.to(torch.promote_types(y.dtype, torch.float32)).permute(0, 1, 4, 3, 2).reshape(B, C * k2, L)
-        y = F.fold(y, (H, W), k, padding=p, stride=s).to(x.dtype)  # Σ over the windows covering each pixel
-        return self.proj_drop(_pointwise(self.proj.weight, self.proj.bias, y.view(B, C, H * W)).view(B, C, H, W))
+        return F.fold(y, (H, W), k, padding=p, stride=s)  # Σ over the windows covering each pixel

@@ -6,7 +6,9 @@ from .dat import DAT
 from .gfnet import GFNet, GFNetH
 from .local import AxialBottleneck, LocalAttnResNet, SasaBottleneck, halonet_cfg
 from .mobilenet import attn_in_se_slot
+from .mobilevit import MobileViT  # noqa: F401  (MobileViT: mobilevit_{xx_,x_,}small)
 from .nat import NAT
+from .poolformer import PoolFormer  # noqa: F401  (PoolFormer: poolformerv1_*)
 from .reparam import RepBasicBlock, RepBottleneck
 from .resnet import AttnResNet, ConvAttnBottleneck, PSABottleneck, SKBottleneck, SplatBottleneck
 from .selfattn import SelfAttnResNet, cot_layer
@@ -14,6 +16,7 @@ from .shiftvit import ShiftViT
 from .smlpnet import SMLPNet
 from .swin import Swin
 from .vit import filter_fitting_weights, track_grid, vit_mixer_layer
+from .volo import VOLO  # noqa: F401  (VOLO: volo_d1 ... volo_d5)
 
 __all__ = [
     'attn_in_se_slot', 'AttnResNet', 'AxialBottleneck', 'ContextResNet', 'ConvAttnBottleneck',
