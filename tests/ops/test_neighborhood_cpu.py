@@ -1,7 +1,8 @@
 """The fast PyTorch path of ``neighborhood_attention_2d`` (``visattn.ops.neighborhood.torch_blocked``): the same
 function as the spec ``neighborhood_attention_2d_naive`` (float64, output and every gradient, ≤ 1e-10), through the
-public op and at several tile sizes; low-precision inputs; a map exactly one window wide against dense attention;
-gradcheck."""
+public op, at several tile sizes, chunked (one tile, a few tiles, whole head groups per chunk; its own backward) and
+all tiles at once (plain autograd, the form under ``torch.compile``); low-precision inputs; a map exactly one window
+wide against dense attention; gradcheck."""
 
 import pytest
 import torch
@@ -72,6 +73,37 @@ def test_every_tile_size_gives_the_spec(hs, ws, ks, d, tile):
                  lambda *a: neighborhood_attention_2d_naive(*a[:3], ks, d, a[3]), q, k, v, rpb)
 
 
+@pytest.mark.parametrize('chunk', [0, 1, 40, 700, 1 << 20])
+@pytest.mark.parametrize('hs,ws,ks,d,tile', [(11, 13, 3, 2, 2), (13, 11, 5, 1, 4), (9, 10, 3, 1, 3), (14, 14, 7, 1, 4)])
+def test_every_chunk_size_gives_the_spec(hs, ws, ks, d, tile, chunk):
+    # chunk 0: every tile at once; 1 and 40: one or a few tiles per chunk (fewer than a head's); 700 and 2^20:
+    # whole heads, grouped; tiles that repeat a query (11, 13 at tile 2 and 4) and tiles that divide the map (14)
+    q, k, v, rpb = _inputs(hs, ws, ks, True, h=3)
+    _assert_same(lambda *a: neighborhood_attention_2d_blocked(*a[:3], ks, d, a[3], 0.6, tile=tile, chunk=chunk),
+                 lambda *a: neighborhood_attention_2d_naive(*a[:3], ks, d, a[3], 0.6), q, k, v, rpb)
+
+
+def test_chunked_path_without_bias_and_with_unequal_head_widths():
+    q, k, v, _ = _inputs(9, 11, 3, False, dk=6, dv=3)
+    _assert_same(lambda *a: neighborhood_attention_2d_blocked(*a[:3], 3, 2, None, chunk=50),
+                 lambda *a: neighborhood_attention_2d_naive(*a[:3], 3, 2, None), q, k, v, None)
+
+
+def test_chunked_path_takes_strided_inputs_and_the_layers_layout():
+    # q, k, v as the layer passes them: views of one [B, Hs, Ws, 3, H, D] projection
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 9, 10, 3, 2, 4, dtype=D64)
+    q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+    rpb = torch.randn(2, 5, 5, dtype=D64)
+    _assert_same(lambda *a: neighborhood_attention_2d_blocked(*a[:3], 3, 1, a[3], chunk=30),
+                 lambda *a: neighborhood_attention_2d_naive(*a[:3], 3, 1, a[3]), q, k, v, rpb)
+
+
+def test_chunked_path_on_an_empty_batch():
+    q, k, v, rpb = _inputs(7, 9, 3, True, b=0)
+    assert neighborhood_attention_2d_blocked(q, k, v, 3, 1, rpb).shape == (0, 2, 7, 9, 4)
+
+
 @pytest.mark.parametrize('ks,d', [(5, 1), (3, 2)])
 def test_map_one_window_wide_is_dense_attention_on_each_class(ks, d):
     # Hs = Ws = k·d: every query sees every key of its residue class; the reference is a dense softmax per class
@@ -90,13 +122,13 @@ def test_map_one_window_wide_is_dense_attention_on_each_class(ks, d):
             torch.testing.assert_close(out[:, :, r::d, c::d], want, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize('chunk', [None, 0])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_low_precision_returns_its_dtype_and_matches_float32(dtype):
+def test_low_precision_returns_its_dtype_and_matches_float32(dtype, chunk):
     q, k, v, rpb = _inputs(11, 13, 5, True, dtype=torch.float32)
     q16, k16, v16, rpb16 = (t.to(dtype) for t in (q, k, v, rpb))
     out, grads, g = _out_and_grads(
-        lambda *a: neighborhood_attention_2d(*a[:3], kernel_size=5, dilation=2, rpb=a[3], backend='torch'),
-        q16, k16, v16, rpb16)
+        lambda *a: neighborhood_attention_2d_blocked(*a[:3], 5, 2, a[3], chunk=chunk), q16, k16, v16, rpb16)
     assert out.dtype == dtype and all(t.dtype == dtype for t in grads)
     # the float32 reference on the rounded inputs: the path computes in float32 and rounds once at the end
     want, want_grads, _ = _out_and_grads(
@@ -108,13 +140,14 @@ def test_low_precision_returns_its_dtype_and_matches_float32(dtype):
         torch.testing.assert_close(got.float(), exp, atol=tol['atol'] * 4, rtol=tol['rtol'] * 4)
 
 
+@pytest.mark.parametrize('chunk', [0, 5])
 @pytest.mark.parametrize('ks,d', [(3, 1), (3, 2)])
-def test_gradcheck(ks, d):
+def test_gradcheck(ks, d, chunk):
     # fast mode: the Jacobian checked along random directions (the full one takes seconds per case)
     q, k, v, rpb = _inputs(6, 7, ks, True, b=1, dk=3, dv=2)
     inputs = tuple(t.requires_grad_() for t in (q, k, v, rpb))
     assert torch.autograd.gradcheck(
-        lambda q, k, v, rpb: neighborhood_attention_2d_blocked(q, k, v, ks, d, rpb, 0.8, tile=2), inputs,
+        lambda q, k, v, rpb: neighborhood_attention_2d_blocked(q, k, v, ks, d, rpb, 0.8, tile=2, chunk=chunk), inputs,
         fast_mode=True)
 
 
@@ -123,3 +156,17 @@ def test_bad_tile_is_refused(tile):
     q, k, v, _ = _inputs(7, 9, 3, False)
     with pytest.raises(ValueError, match='tile must be a positive int'):
         neighborhood_attention_2d_blocked(q, k, v, 3, tile=tile)
+
+
+@pytest.mark.parametrize('chunk', [-1, 2.0])
+def test_bad_chunk_is_refused(chunk):
+    q, k, v, _ = _inputs(7, 9, 3, False)
+    with pytest.raises(ValueError, match='chunk must be a non-negative int'):
+        neighborhood_attention_2d_blocked(q, k, v, 3, chunk=chunk)
+
+
+def test_meta_tensors_take_the_all_tiles_form():
+    # the chunked form's bookkeeping reads index values, which meta tensors do not have
+    q = torch.empty(2, 3, 9, 10, 4, device='meta')
+    out = neighborhood_attention_2d_blocked(q, q, q, 3, 1, torch.empty(3, 5, 5, device='meta'))
+    assert out.device.type == 'meta' and out.shape == (2, 3, 9, 10, 4)

@@ -18,35 +18,44 @@ a tile that runs past its class repeats its last query). The windows of a tile's
 ``span = t + k - 1`` consecutive class positions (the whole class when it is shorter) that starts at
 ``clamp(first query - k//2, 0, class length - span)``: a window starts at or after ``i - k//2`` unless the far
 border moved it back, and then not before ``length - k``, which the band holds. A 2-D tile is a ``t_y × t_x`` block
-of queries of one pair of residue classes against its ``span_y × span_x`` band of keys. Per call: one gather each
-of the query tiles and of the key and value bands (a single ``index_select`` over the flattened map; its backward
-is an ``index_add``, far cheaper than the scatter of advanced indexing), one batched matmul for the scores
-``[B, H, tiles, t_y·t_x, span_y·span_x]``, an additive mask (``-inf`` off each query's window, plus the bias
-gathered once per tile pattern with ``F.embedding`` on the table), the softmax, one batched matmul with the values,
-and one ``index_select`` that puts every query back at its place. Plain autograd gives the backward. Dilation
-needs no separate pass: the tiles of all residue classes are batched together.
+of queries of one pair of residue classes against its ``span_y × span_x`` band of keys: one dense attention with
+an additive bias (NAT's table entry of each pair, ``-inf`` off the query's window). Dilation needs no separate pass:
+the tiles of all residue classes are batched together.
 
-Cost: ``span² / k²`` more multiply-adds than the k² products a query needs (4× at k = 7 with t = 8, 4× at k = 3
-with t = 4), done by BLAS. Memory: the scores ``[B, H, Hs·Ws, span²]`` and the gathered bands (about
-``(span / t)²`` times the keys and values), against the naive path's gathered keys and values for each of its k²
-window offsets, all kept for its backward. Every query sees exactly k² keys, so no softmax row is empty.
+Two forms compute it:
+
+- chunked (the default in eager mode): a chunk is a few tiles of one head group (whole heads when they fit),
+  taken image by image, at most ``chunk`` score elements (`default_chunk`), so that its scores, bias and key band
+  stay in a core's cache. Per chunk: a gather of the query tiles and of the key-and-value band (keys and values
+  side by side, one gather), one ``baddbmm`` for the biased scores, the softmax, one ``bmm`` with the values, and
+  an ``index_copy_`` of the outputs to their map positions. Its backward recomputes the chunk's weights (the
+  flash-attention identity ``dS = P ⊙ (dO·Vᵀ - rowsum(dO ⊙ O))``) and adds the gradients of the queries, keys,
+  values and bias table with ``index_add_``; nothing of the size of the scores is kept between the passes.
+- every tile at once (``chunk=0``; under ``torch.compile``, ``torch.export`` and tracing, where the chunk loop
+  would be unrolled): one gather each of the query tiles and the key and value bands, one batched matmul for the
+  scores ``[B, H, tiles, t_y·t_x, span_y·span_x]``, the bias, the softmax, the values, and one gather back; plain
+  autograd gives the backward and keeps the scores for it.
+
+Cost: ``span² / k²`` more multiply-adds than the k² products a query needs (2× at k = 7 with t = 4), done by
+BLAS. Memory of the chunked form: the inputs in the compute dtype, the output, and one chunk's work (a few hundred
+KB); of the all-at-once form: the scores ``[B, H, Hs·Ws, span²]`` and the gathered bands, kept for the backward.
+Every query sees exactly k² keys, so no softmax row is empty.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-from .._dispatch import upcast
 
 __all__ = ['class_tiles', 'default_tile', 'neighborhood_attention_2d_blocked']
 
 
-def default_tile(kernel_size: int) -> int:
-    """Query tile side of the fast path (measured on 2 CPU threads): 4 up to k = 5 (16 queries against 6×6 or 8×8
-    keys), 8 above (64 queries against 14×14 keys at k = 7, where the matmuls gain more than the band wastes)."""
-    return 4 if kernel_size <= 5 else 8
+def default_tile(kernel_size: int, chunked: bool = True) -> int:
+    """Query tile side (measured on 2 CPU threads and on one, k = 3-7). The chunked path: 4 (16 queries against
+    10×10 keys at k = 7; smaller tiles waste less of the scores, and the chunk keeps them in cache). Every tile at
+    once: 4 up to k = 5, 8 above (64 queries against 14×14 keys at k = 7, where the larger matmuls gain more than
+    the band wastes)."""
+    return 4 if chunked or kernel_size <= 5 else 8
 
 
 def class_tiles(length: int, kernel_size: int, dilation: int, tile: int,
@@ -90,9 +99,157 @@ def _pairs(rows: Tensor, cols: Tensor, width: int) -> Tensor:
     return (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
 
 
+class _Plan:
+    """The tiles and key bands of a map, for both axes at once (see `class_tiles`), and the table entry of every
+    (tile query, band key) pair: ``entry`` [n, m, s] indexes the flattened ``[H, (2k-1)²]`` bias table, and the extra
+    column ``(2k-1)²`` (a ``-inf`` logit) for a key outside the query's window."""
+
+    def __init__(self, hs: int, ws: int, kernel_size: int, dilation: int, tile: int, device: torch.device) -> None:
+        qy, ky, inside_y, row_y, slot_y = class_tiles(hs, kernel_size, dilation, tile, device)
+        qx, kx, inside_x, row_x, slot_x = class_tiles(ws, kernel_size, dilation, tile, device)
+        ny, ty, sy = inside_y.shape
+        nx, tx, sx = inside_x.shape
+        self.n, self.m, self.s = ny * nx, ty * tx, sy * sx
+        self.queries = _pairs(qy, qx, ws).view(self.n, self.m)  # map position of every tile query
+        self.keys = _pairs(ky, kx, ws).view(self.n, self.s)  # map position of every band key
+        size = 2 * kernel_size - 1
+        inside = (inside_y[:, None, :, None, :, None] & inside_x[None, :, None, :, None, :]).reshape(self.n, self.m,
+                                                                                                      self.s)
+        entry = (row_y[:, None, :, None, :, None] * size + row_x[None, :, None, :, None, :]).reshape(self.n, self.m,
+                                                                                                     self.s)
+        self.entry = entry.masked_fill(~inside, size * size)
+        # the tile slot of map position (y, x): ((tile_y·nX + tile_x)·ty + row in tile)·tx + column in tile
+        slot = ((slot_y[:, None] // ty * nx + slot_x[None, :] // tx) * ty + slot_y[:, None] % ty) * tx \
+            + slot_x[None, :] % tx
+        self.slot = slot.reshape(-1)
+        self.repeats = self.n * self.m > hs * ws  # some tiles repeat a query: only its slot's copy counts
+        primary = torch.zeros(self.n * self.m, dtype=torch.bool, device=device)
+        primary[self.slot] = True
+        self.primary = primary.view(self.n, self.m)
+
+
+def _table(rpb: Tensor | None, heads: int, kernel_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The bias table ``[H, (2k-1)² + 1]`` in the compute dtype: the flattened ``rpb`` (zeros without one) and a
+    last column of ``-inf`` for the keys outside a query's window."""
+    size = (2 * kernel_size - 1) ** 2
+    table = torch.zeros(heads, size, dtype=dtype, device=device) if rpb is None else rpb.to(dtype).reshape(heads, size)
+    return torch.cat([table, torch.full((heads, 1), float('-inf'), dtype=dtype, device=device)], 1)
+
+
+class _Chunk:
+    """One chunk of the chunked path: heads h0:h1 and tiles c0:c1 (of every image in turn), with the flat rows of
+    its queries and key bands in a [H·Hs·Ws, D] map, its bias entries, and where its outputs go."""
+
+    def __init__(self, plan: _Plan, h0: int, h1: int, c0: int, c1: int, length: int) -> None:
+        self.h0, self.h1, self.heads, self.tiles = h0, h1, h1 - h0, c1 - c0
+        base = torch.arange(h0, h1, device=plan.queries.device)[:, None] * length
+        self.q_rows = (base + plan.queries[c0:c1].reshape(1, -1)).reshape(-1)
+        self.k_rows = (base + plan.keys[c0:c1].reshape(1, -1)).reshape(-1)
+        self.entry = plan.entry[c0:c1].reshape(-1)
+        # the tile queries that are computed for their map position (a repeated query's copy is dropped)
+        self.dst = plan.queries[c0:c1].reshape(-1)
+        self.keep: Tensor | None = None
+        self.mask: Tensor | None = None
+        if plan.repeats:
+            primary = plan.primary[c0:c1]
+            self.keep = primary.reshape(-1).nonzero().squeeze(1)
+            self.dst = self.dst.index_select(0, self.keep)
+            self.mask = primary[None, :, :, None].expand(self.heads, -1, -1, -1).reshape(-1, plan.m, 1)
+
+
+def _chunks(plan: _Plan, heads: int, length: int, budget: int) -> list[_Chunk]:
+    """Chunks of at most ``budget`` score elements per image (at least one tile); heads are grouped only when a
+    chunk holds every tile."""
+    per_tile = plan.m * plan.s
+    g = max(1, min(plan.n, budget // per_tile))
+    gh = max(1, min(heads, budget // (per_tile * plan.n))) if g == plan.n else 1
+    return [_Chunk(plan, h0, min(heads, h0 + gh), c0, min(plan.n, c0 + g), length)
+            for h0 in range(0, heads, gh) for c0 in range(0, plan.n, g)]
+
+
+def _scores_softmax(qt: Tensor, kt: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """softmax(scale·q·kᵀ + bias) over the band: qt [G, m, Dk], kt [G, s, Dk], bias [G, m, s] -> [G, m, s]."""
+    return torch.softmax(torch.baddbmm(bias, qt, kt.transpose(1, 2), alpha=scale), dim=-1)
+
+
+class _ChunkedNA(torch.autograd.Function):
+    """Neighbourhood attention chunk by chunk (a few tiles of one head group, image by image), so that the scores
+    of a chunk stay in cache; the backward recomputes them chunk by chunk (memory: the inputs and the output, not
+    the scores). The queries and the keys-and-values (side by side, one gather per band) are first made
+    contiguous in the compute dtype, so that every gather reads whole rows."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, table: Tensor, plan: _Plan, scale: float, budget: int,
+                dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]) -> Tensor:
+        B, H, hs, ws, dk = q.shape
+        dv, length, ct = v.shape[-1], hs * ws, table.dtype
+        chunks = _chunks(plan, H, length, budget)
+        qc = q.to(ct).contiguous().view(B, H * length, dk)
+        kv = torch.cat([k.to(ct), v.to(ct)], -1).view(B, H * length, dk + dv)
+        # the output in [B, Hs·Ws, H, Dv] (the layout the layer's projection reads), returned as a [B, H, ...] view
+        out = torch.empty(B, length, H, dv, dtype=q.dtype, device=q.device)
+        for c in chunks:
+            bias = table[c.h0:c.h1].index_select(1, c.entry).view(-1, plan.m, plan.s)
+            for b in range(B):
+                qt = qc[b].index_select(0, c.q_rows).view(-1, plan.m, dk)
+                kvt = kv[b].index_select(0, c.k_rows).view(-1, plan.s, dk + dv)
+                p = _scores_softmax(qt, kvt[..., :dk], bias, scale)
+                o = torch.bmm(p, kvt[..., dk:]).view(c.heads, -1, dv)
+                if c.keep is not None:
+                    o = o.index_select(1, c.keep)
+                out[b, :, c.h0:c.h1].index_copy_(0, c.dst, o.transpose(0, 1).to(q.dtype))
+        out = out.view(B, hs, ws, H, dv).permute(0, 3, 1, 2, 4)
+        ctx.save_for_backward(qc, kv, table, out)
+        ctx.plan, ctx.scale, ctx.chunks, ctx.dtypes = plan, scale, chunks, dtypes
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        qc, kv, table, out = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        B, H, hs, ws, dv = out.shape
+        dk, ct = qc.shape[-1], table.dtype
+        grad = grad.to(ct)
+        delta = (grad * out.to(ct)).sum(-1).view(B, -1)  # [B, H·Hs·Ws]: Σ_d dO·O, the softmax backward's row term
+        grad = grad.contiguous().view(B, -1, dv)
+        dq = torch.zeros_like(qc)
+        dk_ = torch.zeros_like(qc)
+        dv_ = torch.zeros(B, H * hs * ws, dv, dtype=ct, device=qc.device)
+        dtable = torch.zeros_like(table) if ctx.needs_input_grad[3] else None
+        for c in ctx.chunks:
+            bias = table[c.h0:c.h1].index_select(1, c.entry).view(-1, plan.m, plan.s)
+            ds_sum = torch.zeros_like(bias) if dtable is not None else None
+            for b in range(B):
+                qt = qc[b].index_select(0, c.q_rows).view(-1, plan.m, dk)
+                kvt = kv[b].index_select(0, c.k_rows).view(-1, plan.s, dk + dv)
+                kt, vt = kvt[..., :dk], kvt[..., dk:]
+                p = _scores_softmax(qt, kt, bias, scale)  # [G, m, s]
+                do = grad[b].index_select(0, c.q_rows).view(-1, plan.m, dv)
+                rows = delta[b].index_select(0, c.q_rows).view(-1, plan.m, 1)
+                if c.mask is not None:  # a repeated query's copy carries no gradient
+                    do, rows = do * c.mask, rows * c.mask
+                ds = torch.bmm(do, vt.transpose(1, 2)).sub_(rows).mul_(p)  # dL/d(logit)
+                if ds_sum is not None:
+                    ds_sum += ds
+                dq[b].index_add_(0, c.q_rows, torch.bmm(ds, kt).view(-1, dk), alpha=scale)
+                dk_[b].index_add_(0, c.k_rows, torch.bmm(ds.transpose(1, 2), qt).view(-1, dk), alpha=scale)
+                dv_[b].index_add_(0, c.k_rows, torch.bmm(p.transpose(1, 2), do).view(-1, dv))
+            if dtable is not None:
+                dtable[c.h0:c.h1].index_add_(1, c.entry, ds_sum.view(c.heads, -1))
+        tq, tk, tv = ctx.dtypes
+        return (dq.view(B, H, hs, ws, dk).to(tq), dk_.view(B, H, hs, ws, dk).to(tk), dv_.view(B, H, hs, ws, dv).to(tv),
+                dtable, None, None, None, None)
+
+
+def default_chunk() -> int:
+    """Score elements per chunk of the chunked path: 2^16 (256 KB of float32 scores; with t = 4 and k = 7 the
+    chunk's key-and-value band of 64-wide heads is 4× that, about a core's 1 MB L2; measured against 2^13-2^21)."""
+    return 1 << 16
+
+
 def neighborhood_attention_2d_blocked(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation: int = 1,
                                       rpb: Tensor | None = None, scale: float | None = None,
-                                      tile: int | None = None) -> Tensor:
+                                      tile: int | None = None, chunk: int | None = None) -> Tensor:
     """k×k neighbourhood attention (NATTEN's borders, dilation, NAT's bias) by query tiles and key bands.
 
     The same function as `neighborhood_attention_2d_naive` (arguments unchecked: the public op checks them).
@@ -105,41 +262,45 @@ def neighborhood_attention_2d_blocked(q: Tensor, k: Tensor, v: Tensor, kernel_si
         rpb: [H, 2k-1, 2k-1] bias indexed by ``(key - query) / dilation + k - 1`` along each axis, or None.
         scale: factor on q·k (default 1/sqrt(Dk)).
         tile: query tile side along each axis (default `default_tile`); any value gives the same function.
+        chunk: score elements per chunk (default `default_chunk`); ``0`` computes every tile at once with plain
+            autograd, as it is done under ``torch.compile``, ``torch.export``, tracing and on the meta device.
 
     Returns:
-        [B, H, Hs, Ws, Dv] in ``q``'s dtype (computed in float32, float64 for float64 inputs).
+        [B, H, Hs, Ws, Dv] in ``q``'s dtype (computed in float32, float64 for float64 inputs); the chunked path
+        returns a view of a [B, Hs, Ws, H, Dv] tensor.
 
     Raises:
-        ValueError: ``tile`` is not a positive int.
+        ValueError: ``tile`` is not a positive int, or ``chunk`` not a non-negative int.
     """
     B, H, hs, ws, dk = q.shape
-    dv = v.shape[-1]
     scale = dk ** -0.5 if scale is None else scale
-    tile = default_tile(kernel_size) if tile is None else tile
+    chunk = default_chunk() if chunk is None else chunk
+    if not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f'neighborhood_attention_2d_blocked: chunk must be a non-negative int, got {chunk!r}')
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or q.device.type == 'meta':
+        chunk = 0
+    tile = default_tile(kernel_size, chunk > 0) if tile is None else tile
     if not isinstance(tile, int) or tile < 1:
         raise ValueError(f'neighborhood_attention_2d_blocked: tile must be a positive int, got {tile!r}')
-    qy, ky, inside_y, row_y, slot_y = class_tiles(hs, kernel_size, dilation, tile, q.device)
-    qx, kx, inside_x, row_x, slot_x = class_tiles(ws, kernel_size, dilation, tile, q.device)
-    ny, ty, sy = inside_y.shape
-    nx, tx, sx = inside_x.shape
-    n, m, s = ny * nx, ty * tx, sy * sx
-    qf, kf, vf = upcast(q), upcast(k), upcast(v)
-    keys = _pairs(ky, kx, ws)
-    qt = qf.reshape(B, H, hs * ws, dk).index_select(2, _pairs(qy, qx, ws)).view(B, H, n, m, dk)
+    plan = _Plan(hs, ws, kernel_size, dilation, tile, q.device)
+    table = _table(rpb, H, kernel_size, torch.promote_types(q.dtype, torch.float32), q.device)
+    if chunk > 0 and q.numel() > 0:
+        return _ChunkedNA.apply(q, k, v, table, plan, scale, chunk, (q.dtype, k.dtype, v.dtype))
+    return _all_tiles(q, k, v, table, plan, scale)
+
+
+def _all_tiles(q: Tensor, k: Tensor, v: Tensor, table: Tensor, plan: _Plan, scale: float) -> Tensor:
+    """Every tile at once, plain autograd: one gather each of the query tiles and the key and value bands, one
+    batched matmul for the scores [B, H, n, m, s], the bias and mask, softmax, the values, and one gather back."""
+    B, H, hs, ws, dk = q.shape
+    dv = v.shape[-1]
+    n, m, s = plan.n, plan.m, plan.s
+    qf, kf, vf = q.to(table.dtype), k.to(table.dtype), v.to(table.dtype)
+    keys = plan.keys.reshape(-1)
+    qt = qf.reshape(B, H, hs * ws, dk).index_select(2, plan.queries.reshape(-1)).view(B, H, n, m, dk)
     kt = kf.reshape(B, H, hs * ws, dk).index_select(2, keys).view(B, H, n, s, dk)
     vt = vf.reshape(B, H, hs * ws, dv).index_select(2, keys).view(B, H, n, s, dv)
-    outside = ~(inside_y[:, None, :, None, :, None] & inside_x[None, :, None, :, None, :]).reshape(n, m, s)
-    if rpb is None:
-        bias = torch.zeros(n, m, s, dtype=qf.dtype, device=q.device)
-    else:
-        size = 2 * kernel_size - 1
-        entry = row_y[:, None, :, None, :, None] * size + row_x[None, :, None, :, None, :]  # [nY, nX, ty, tx, sy, sx]
-        table = rpb.to(qf.dtype).reshape(H, size * size).t()  # [(2k-1)², H] in the compute dtype
-        bias = F.embedding(entry.reshape(n, m, s), table).permute(3, 0, 1, 2)  # [H, n, m, s]
-    bias = bias.masked_fill(outside, float('-inf'))
+    bias = table.index_select(1, plan.entry.reshape(-1)).view(H, n, m, s)
     scores = torch.matmul(qt * scale, kt.transpose(-1, -2)).add_(bias)  # [B, H, n, m, s]
     out = torch.matmul(torch.softmax(scores, dim=-1), vt).view(B, H, n * m, dv)
-    # the tile slot of map position (y, x): ((tile_y·nX + tile_x)·ty + row in tile)·tx + column in tile
-    slot = ((slot_y[:, None] // ty * nx + slot_x[None, :] // tx) * ty + slot_y[:, None] % ty) * tx \
-        + slot_x[None, :] % tx
-    return out.index_select(2, slot.reshape(-1)).view(B, H, hs, ws, dv).to(q.dtype)
+    return out.index_select(2, plan.slot).view(B, H, hs, ws, dv).to(q.dtype)
