@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import timm
@@ -55,6 +55,24 @@ def build_checked(
     return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
 
 
+def build_staged(
+        model_cls: Callable[..., Any],
+        variant: str,
+        pretrained: bool,
+        model_args: dict[str, Any],
+        filter_fn: Callable[..., Any],
+        default_out_indices: Sequence[int] = (0, 1, 2, 3),
+        **kwargs: Any,
+) -> Any:
+    """`build_checked` of a backbone with ``forward_intermediates``: the variant's ``model_args`` updated by the
+    caller's ``kwargs``, checkpoints mapped by ``filter_fn``, and ``features_only=True`` served by timm's
+    ``'getter'`` wrapper at ``out_indices`` (a kwarg; default ``default_out_indices``)."""
+    args = dict(model_args, **kwargs)
+    out_indices = args.pop('out_indices', default_out_indices)
+    return build_checked(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn,
+                         feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **args)
+
+
 def register_visattn_model(fn: Callable[..., Any]) -> Callable[..., Any]:
     """timm's ``register_model`` that never overwrites a name timm (or anything else) already registers."""
     name = fn.__name__
@@ -78,3 +96,10 @@ def make_entrypoint(name: str, module: str, create: Callable[..., Any], doc: str
     entrypoint.__doc__ = doc
     setattr(sys.modules[module], name, entrypoint)
     return register_visattn_model(entrypoint)
+
+
+def make_entrypoints(module: str, create: Callable[..., Any], papers: dict[str, str]) -> None:
+    """`make_entrypoint` for every variant of ``papers`` (name -> its paper's arXiv id or reference), documented
+    ``'<name> (arXiv:<id>); see the docstring of <module>.'``."""
+    for name, paper in papers.items():
+        make_entrypoint(name, module, create, f'{name} ({paper_id(paper)}); see the docstring of {module}.')

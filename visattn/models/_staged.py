@@ -11,22 +11,24 @@ layouts of taps (the entries of ``feature_info``), chosen by two class constants
   over all stages, each stage's ``downsample`` run before its first block (checkpointing per block with the stage's
   ``grad_checkpointing``); ``norm`` applies to the taps of the last stage only.
 
-``_embed(x)`` (default ``patch_embed(x)``) makes the first map; ``_fi_nhwc`` says the maps are [B, H, W, C] inside
-(then ``output_fmt='NCHW'`` permutes them); ``_fi_formats`` lists the ``output_fmt`` a model accepts. The constants
-are TorchScript constants, so a scripted model (or timm's ``FeatureGetterNet`` around it) compiles only its own
-branch.
+``_embed(x)`` (default ``patch_embed(x)``) makes the first map and ``_finish(x)`` (default ``norm(x)``) the final
+features from the last one; ``_fi_nhwc`` says the maps are [B, H, W, C] inside (then ``output_fmt='NCHW'``
+permutes them); ``_fi_formats`` lists the ``output_fmt`` a model accepts. The constants are TorchScript constants,
+so a scripted model (or timm's ``FeatureGetterNet`` around it) compiles only its own branch.
 
 `ClassifierNet` gives the rest of timm's interface on the same constants, for every layout: ``group_matcher`` (the stem
-``_group_stem``), ``set_grad_checkpointing``, ``forward_features`` (``_embed``, the blocks or stages, ``norm``),
+``_group_stem``), ``set_grad_checkpointing``, ``forward_features`` (``_embed``, the blocks or stages, ``_finish``),
 ``forward_head``, ``forward``, and ``get_classifier`` / ``reset_classifier`` over a timm ``ClassifierHead`` ``head``,
 which ``_init_head`` builds with the final ``norm`` and timm's attributes (``output_fmt`` is ``'NHWC'`` where
 ``_fi_nhwc``). `StagedNet` is the same for the hierarchical backbones: a subclass builds ``patch_embed``, ``stages``
 (an ``nn.Sequential`` of `Stage`: ``downsample``, ``blocks``, a ``grad_checkpointing`` flag) and ``feature_info``,
 then calls ``_init_head`` (or sets ``norm``, ``head`` and the attributes itself). `drop_path_rates` is the
-stochastic-depth rule that most backbones share. No ``from __future__ import annotations`` here: timm's FX +
+stochastic-depth rule that most backbones share; `rename_level_keys` maps the checkpoints whose patch merging
+closes each level (NAT, ShiftViT). No ``from __future__ import annotations`` here: timm's FX +
 TorchScript test scripts these methods' annotations.
 """
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +39,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import Tensor
 
-__all__ = ['ClassifierNet', 'FeatureIntermediates', 'Stage', 'StagedNet', 'drop_path_rates']
+__all__ = ['ClassifierNet', 'FeatureIntermediates', 'Stage', 'StagedNet', 'drop_path_rates', 'rename_level_keys']
 
 
 class FeatureIntermediates:
@@ -52,6 +54,9 @@ class FeatureIntermediates:
 
     def _embed(self, x: Tensor) -> Tensor:
         return self.patch_embed(x)
+
+    def _finish(self, x: Tensor) -> Tensor:
+        return self.norm(x)
 
     def _num_taps(self) -> int:
         if self._fi_isotropic:
@@ -136,7 +141,7 @@ class FeatureIntermediates:
                         index += 1
         if intermediates_only:
             return intermediates
-        return (self.norm(x) if in_last else x), intermediates
+        return (self._finish(x) if in_last else x), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
@@ -170,17 +175,19 @@ class FeatureIntermediates:
 class Stage(nn.Module):
     """A stage of a hierarchical backbone: ``self.downsample`` (a patch merging or ``nn.Identity``), then
     ``self.blocks`` (an ``nn.Sequential``), both set by the subclass; timm's gradient checkpointing over the
-    blocks when ``grad_checkpointing`` is set."""
+    blocks when ``grad_checkpointing`` is set (``_run_blocks``, for a subclass's own ``forward``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.grad_checkpointing = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
+    def _run_blocks(self, x: Tensor) -> Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run_blocks(self.downsample(x))
 
 
 class ClassifierNet(FeatureIntermediates, nn.Module):
@@ -191,17 +198,20 @@ class ClassifierNet(FeatureIntermediates, nn.Module):
     _group_stem: str = r'^patch_embed'
 
     def _init_head(self, norm: nn.Module, num_features: int, in_chans: int, num_classes: int, global_pool: str,
-                   drop_rate: float, device=None, dtype=None) -> None:
-        """Set timm's attributes, the final ``norm`` and the ``head`` (a timm ``ClassifierHead`` over
-        ``num_features`` channels of ``output_fmt`` maps: ``'NHWC'`` where ``_fi_nhwc``, else ``'NCHW'``)."""
+                   drop_rate: float, head: nn.Module | None = None, device=None, dtype=None) -> None:
+        """Set timm's attributes, the final ``norm`` and the ``head``: a timm ``ClassifierHead`` over
+        ``num_features`` channels of ``output_fmt`` maps (``'NHWC'`` where ``_fi_nhwc``, else ``'NCHW'``), or the
+        ``head`` given (one with ``ClassifierHead``'s ``fc``, ``reset`` and ``num_features``)."""
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.output_fmt = 'NHWC' if self._fi_nhwc else 'NCHW'
         self.num_features = self.head_hidden_size = num_features
         self.norm = norm
-        self.head = ClassifierHead(num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt, device=device, dtype=dtype)
+        if head is None:
+            head = ClassifierHead(num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                  input_fmt=self.output_fmt, device=device, dtype=dtype)
+        self.head = head
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -245,7 +255,7 @@ class ClassifierNet(FeatureIntermediates, nn.Module):
                 x = self.blocks(x)
         else:
             x = self.stages(x)
-        return self.norm(x)
+        return self._finish(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
@@ -255,8 +265,8 @@ class ClassifierNet(FeatureIntermediates, nn.Module):
 
 
 class StagedNet(ClassifierNet):
-    """Base of the hierarchical backbones (NAT, ShiftViT, sMLPNet, DAT, Swin, S²-MLPv2): `ClassifierNet`
-    over ``stages`` (see the module docstring for what a subclass builds)."""
+    """Base of the hierarchical backbones (NAT, ShiftViT, sMLPNet, DAT, Swin, S²-MLPv2, PoolFormer, MobileViT,
+    VOLO): `ClassifierNet` over ``stages`` (see the module docstring for what a subclass builds)."""
 
 
 def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
@@ -265,4 +275,25 @@ def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
     total = sum(depths)
     rates = [rate * i / max(total - 1, 1) for i in range(total)]
     return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
+
+
+def rename_level_keys(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Map a checkpoint whose patch merging closes each level to the `StagedNet` layout (the released NAT and
+    ShiftViT): ``<prefix>.i.blocks.*`` -> ``stages.i.blocks.*``, ``<prefix>.i.downsample.*`` ->
+    ``stages.{i+1}.downsample.*``, ``head.*`` -> ``head.fc.*``. A ``{'model': ...}`` or ``{'state_dict': ...}``
+    wrapper is unpacked; a state dict without ``<prefix>.`` keys passes as is."""
+    state_dict = state_dict.get('model', state_dict)
+    state_dict = state_dict.get('state_dict', state_dict)
+    if not any(k.startswith(prefix + '.') for k in state_dict):
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(re.escape(prefix) + r'\.(\d+)\.(blocks|downsample)\.(.*)', key)
+        if m:
+            level, part, rest = int(m.group(1)), m.group(2), m.group(3)
+            key = f'stages.{level}.blocks.{rest}' if part == 'blocks' else f'stages.{level + 1}.downsample.{rest}'
+        elif key.startswith('head.'):
+            key = 'head.fc.' + key[len('head.'):]
+        out[key] = value
+    return out
 

@@ -56,14 +56,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, PatchEmbed, to_2tuple
+from timm.layers import DropPath, LayerNorm2d, Mlp, PatchEmbed, to_2tuple
 from timm.models import generate_default_cfgs
 from torch import Tensor
 
 from ..layers.deformable import DeformableAttn
 from ..layers.window import WindowAttn
-from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import Stage, StagedNet
+from ._builder import build_staged, default_cfg, make_entrypoints
+from ._staged import Stage, StagedNet, drop_path_rates
 
 __all__ = ['DAT', 'DATBlock', 'DATStage', 'checkpoint_filter_fn']
 
@@ -240,33 +240,25 @@ class DAT(StagedNet):
         if [len(s) for s in stage_spec] != list(depths):
             raise ValueError(f'stage_spec must give one kind per block of each stage (depths {list(depths)}), '
                              f'got {stage_spec}')
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
         self.img_size = to_2tuple(img_size)
-        self.output_fmt = 'NCHW'
         self.stage_spec = stage_spec
         dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
-        self.num_features = self.head_hidden_size = dims[-1]
         self.patch_embed = PatchEmbed(
             self.img_size, 4, in_chans, embed_dim, norm_layer=lambda c, **kw: LayerNorm2d(c, eps=LN_EPS, **kw),
             output_fmt='NCHW', strict_img_size=False, **dd)
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # the released linspace(0, rate, blocks)
+        dpr = drop_path_rates(drop_path_rate, depths)  # the released linspace(0, rate, blocks)
         stages, self.feature_info = [], []
         for i in range(num_stages):
-            first = sum(depths[:i])
             feat_size = tuple(max(s // 4 // 2 ** i, 1) for s in self.img_size)  # the released img_size // 4 // 2**i
             stages.append(DATStage(
-                dims[i], stage_spec[i], num_heads[i], dpr[first:first + depths[i]], downsample=i > 0,
+                dims[i], stage_spec[i], num_heads[i], dpr[i], downsample=i > 0,
                 window_size=window_size, n_groups=groups[i], kernel_size=offset_kernels[i],
                 offset_range_factor=offset_range_factor, stride=offset_stride, use_pe=use_pe, feat_size=feat_size,
                 mlp_ratio=mlp_ratio, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, pad_mode=pad_mode, **dd))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.norm = LayerNorm2d(self.num_features, eps=LN_EPS, **dd)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt, **dd)
+        self._init_head(LayerNorm2d(dims[-1], eps=LN_EPS, **dd), dims[-1], in_chans, num_classes, global_pool,
+                        drop_rate, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -282,7 +274,6 @@ class DAT(StagedNet):
     def no_weight_decay(self) -> set[str]:
         """The relative position tables (the released ``no_weight_decay_keywords``)."""
         return {n for n, _ in self.named_parameters() if n.endswith(('relative_position_bias_table', 'rpe_table'))}
-
 
 
 _ATTN_RENAMES = {'proj_qkv.': 'qkv.', 'proj_out.': 'proj.'}  # the released window attention -> WindowAttn
@@ -370,11 +361,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> DAT:
-    args = dict(_MODELS[variant], **kwargs)
-    out_indices = args.pop('out_indices', (0, 1, 2, 3))
-    return build_checked(DAT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                         feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **args)
+    return build_staged(DAT, variant, pretrained, _MODELS[variant], checkpoint_filter_fn, **kwargs)
 
 
-for _name in _MODELS:
-    make_entrypoint(_name, __name__, _create, f'{_name} ({paper_id(_ARXIV)}); see the docstring of {__name__}.')
+make_entrypoints(__name__, _create, dict.fromkeys(_MODELS, _ARXIV))

@@ -55,15 +55,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, ConvNormAct, DropPath
+from timm.layers import ConvNormAct, DropPath
 from timm.models import generate_default_cfgs
-from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
 from .._utils import check_int, check_prob
 from ..layers.mobilevit import MobileVitBlock
-from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import Stage, StagedNet
+from ._builder import build_staged, default_cfg, make_entrypoints
+from ._staged import Stage, StagedNet, drop_path_rates
 
 __all__ = ['InvertedResidual', 'MobileViT', 'MobileVitStage', 'checkpoint_filter_fn']
 
@@ -114,12 +113,7 @@ class MobileVitStage(Stage):
         self.final_conv = nn.Identity() if final_conv is None else final_conv
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.final_conv(x)
+        return self.final_conv(self._run_blocks(self.downsample(x)))
 
 
 class MobileViT(StagedNet):
@@ -190,20 +184,15 @@ class MobileViT(StagedNet):
         for name, value in (('drop_rate', drop_rate), ('proj_drop_rate', proj_drop_rate),
                             ('attn_drop_rate', attn_drop_rate), ('drop_path_rate', drop_path_rate)):
             check_prob(name, value)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
         self.img_size = img_size
-        self.num_features = self.head_hidden_size = final_channels
         self.stem = ConvNormAct(in_chans, stem_channels, 3, stride=2, act_layer=act_layer, **dd)
         # stochastic depth grows linearly over the blocks (MV2 and MobileViT, in order; timm's ByobNet rule)
         depths = [mv2_depths[0], mv2_depths[1], 2, 2, 2]
-        total = sum(depths)
-        dpr = [drop_path_rate * k / max(total - 1, 1) for k in range(total)]
+        dpr = drop_path_rates(drop_path_rate, depths)
         stages, self.feature_info = [], []
         prev = stem_channels
         for i, width in enumerate(widths):
-            rates = dpr[sum(depths[:i]):sum(depths[:i + 1])]
+            rates = dpr[i]
             if i == 0:
                 downsample: nn.Module = nn.Identity()
                 blocks: list[nn.Module] = [
@@ -227,8 +216,7 @@ class MobileViT(StagedNet):
                                           module=f'stages.{i}'))
             prev = width
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.Identity()
-        self.head = ClassifierHead(final_channels, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self._init_head(nn.Identity(), final_channels, in_chans, num_classes, global_pool, drop_rate, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -264,10 +252,6 @@ class MobileViT(StagedNet):
 
     def _embed(self, x: Tensor) -> Tensor:
         return self.stem(x)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """[B, C, H, W] images -> the output of the final 1×1 conv [B, num_features, ⌈H/32⌉, ⌈W/32⌉]."""
-        return self.stages(self.stem(x))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: MobileViT) -> dict[str, Tensor]:
@@ -316,11 +300,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileViT:
-    args = dict(_MODELS[variant], **kwargs)
-    out_indices = args.pop('out_indices', (0, 1, 2, 3, 4))
-    return build_checked(MobileViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                         feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **args)
+    return build_staged(MobileViT, variant, pretrained, _MODELS[variant], checkpoint_filter_fn,
+                        default_out_indices=(0, 1, 2, 3, 4), **kwargs)
 
 
-for _name in _MODELS:
-    make_entrypoint(_name, __name__, _create, f'{_name} ({paper_id(_ARXIV)}); see the docstring of {__name__}.')
+make_entrypoints(__name__, _create, dict.fromkeys(_MODELS, _ARXIV))

@@ -38,7 +38,6 @@ MLP (NAT's ``drop_rate``; NAT's dropout after the tokenizer is left out, it is 0
 """
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +49,7 @@ from torch import Tensor
 
 from ..layers.na import NeighborhoodAttnNHWC
 from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import Stage, StagedNet, drop_path_rates
+from ._staged import Stage, StagedNet, drop_path_rates, rename_level_keys
 
 __all__ = ['NAT', 'NATLayer', 'NATStage', 'checkpoint_filter_fn', 'dinat_dilations']
 
@@ -271,20 +270,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: NAT) -> dict[str,
     """Map a released NAT/DiNAT checkpoint to this layout: ``levels.i.blocks.*`` -> ``stages.i.blocks.*``,
     ``levels.i.downsample.*`` (closing level i) -> ``stages.{i+1}.downsample.*``, ``head.*`` -> ``head.fc.*``. A
     ``{'model': ...}`` or ``{'state_dict': ...}`` wrapper is unpacked; a state dict in this layout passes as is."""
-    state_dict = state_dict.get('model', state_dict)
-    state_dict = state_dict.get('state_dict', state_dict)
-    if not any(k.startswith('levels.') for k in state_dict):
-        return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        m = re.match(r'levels\.(\d+)\.(blocks|downsample)\.(.*)', key)
-        if m:
-            level, part, rest = int(m.group(1)), m.group(2), m.group(3)
-            key = f'stages.{level}.blocks.{rest}' if part == 'blocks' else f'stages.{level + 1}.downsample.{rest}'
-        elif key.startswith('head.'):
-            key = 'head.fc.' + key[len('head.'):]
-        out[key] = value
-    return out
+    return rename_level_keys(state_dict, 'levels')
 
 
 _SIZES: dict[str, dict[str, Any]] = {

@@ -69,7 +69,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.layers import (
-    ClassifierHead,
     DropPath,
     GroupNorm1,
     LayerNorm2d,
@@ -84,8 +83,8 @@ from torch import Tensor
 
 from .._utils import check_int
 from ..layers.poolformer import PoolMixer
-from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import Stage, StagedNet
+from ._builder import build_staged, default_cfg, make_entrypoints
+from ._staged import Stage, StagedNet, drop_path_rates
 
 __all__ = ['PoolFormer', 'PoolFormerBlock', 'PoolFormerStage', 'checkpoint_filter_fn']
 
@@ -205,31 +204,24 @@ class PoolFormer(StagedNet):
             raise ValueError(f'head_norm must be one of {HEAD_NORMS}, got {head_norm!r}')
         for d in dims:
             check_int('dims', d)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
         self.head_norm = head_norm
-        self.num_features = self.head_hidden_size = dims[-1]
         self.patch_embed = nn.Conv2d(in_chans, dims[0], 7, stride=4, padding=2, **dd)
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # the released linear rule
+        dpr = drop_path_rates(drop_path_rate, depths)  # the released linear rule
         stages, self.feature_info = [], []
         for i in range(num_stages):
-            first = sum(depths[:i])
             stages.append(PoolFormerStage(
-                dims[max(i - 1, 0)], dims[i], depths[i], dpr[first:first + depths[i]], downsample=i > 0,
+                dims[max(i - 1, 0)], dims[i], depths[i], dpr[i], downsample=i > 0,
                 pool_size=pool_size, mlp_ratio=mlp_ratio, layer_scale=layer_scale, proj_drop=proj_drop_rate,
                 act_layer=act_layer, norm_layer=norm_layer, **dd))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         if head_norm == 'map':
-            self.norm = norm_layer(self.num_features, **dd)
-            self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                       **dd)
+            norm, head = norm_layer(dims[-1], **dd), None
         else:
-            self.norm = nn.Identity()
-            self.head = NormMlpClassifierHead(self.num_features, num_classes, pool_type=global_pool,
-                                              drop_rate=drop_rate, norm_layer=LayerNorm2d, **dd)
+            norm = nn.Identity()
+            head = NormMlpClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                         norm_layer=LayerNorm2d, **dd)
+        self._init_head(norm, dims[-1], in_chans, num_classes, global_pool, drop_rate, head=head, **dd)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -324,11 +316,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> PoolFormer:
-    args = dict(_MODELS[variant], **kwargs)
-    out_indices = args.pop('out_indices', (0, 1, 2, 3))
-    return build_checked(PoolFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                         feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **args)
+    return build_staged(PoolFormer, variant, pretrained, _MODELS[variant], checkpoint_filter_fn, **kwargs)
 
 
-for _name in _MODELS:
-    make_entrypoint(_name, __name__, _create, f'{_name} ({paper_id(_PAPER)}); see the docstring of {__name__}.')
+make_entrypoints(__name__, _create, dict.fromkeys(_MODELS, _PAPER))

@@ -41,13 +41,11 @@ strided convs, as in the released code); ``forward_features`` returns the normal
 at strides 4, 8, 16 and 32.
 """
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch.nn as nn
 from timm.layers import (
-    ClassifierHead,
     DropPath,
     GroupNorm1,
     Mlp,
@@ -60,8 +58,8 @@ from timm.models import generate_default_cfgs
 from torch import Tensor
 
 from ..layers.shift import ShiftMixer
-from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import Stage, StagedNet
+from ._builder import build_staged, default_cfg, make_entrypoints
+from ._staged import Stage, StagedNet, drop_path_rates, rename_level_keys
 
 __all__ = ['ShiftViT', 'ShiftViTBlock', 'ShiftViTStage', 'checkpoint_filter_fn', 'resolve_norm_layer']
 
@@ -205,30 +203,21 @@ class ShiftViT(StagedNet):
         norm_layer = resolve_norm_layer(norm_layer)
         act_layer = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
         num_stages = len(depths)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
         self.img_size = to_2tuple(img_size)
-        self.output_fmt = 'NCHW'
         dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
-        self.num_features = self.head_hidden_size = dims[-1]
         self.patch_embed = PatchEmbed(
             img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             norm_layer=norm_layer if patch_norm else None, flatten=False, output_fmt='NCHW', strict_img_size=False,
             **dd)
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # the released linspace(0, rate, n)
+        dpr = drop_path_rates(drop_path_rate, depths)  # the released linspace(0, rate, n)
         stages, self.feature_info = [], []
         for i in range(num_stages):
-            first = sum(depths[:i])
             stages.append(ShiftViTStage(
-                dims[i], depths[i], dpr[first:first + depths[i]], downsample=i > 0, norm_layer=norm_layer,
+                dims[i], depths[i], dpr[i], downsample=i > 0, norm_layer=norm_layer,
                 n_div=int(n_div), mlp_ratio=mlp_ratio, proj_drop=proj_drop_rate, act_layer=act_layer, **dd))
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features, **dd)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt, **dd)
+        self._init_head(norm_layer(dims[-1], **dd), dims[-1], in_chans, num_classes, global_pool, drop_rate, **dd)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -243,25 +232,12 @@ class ShiftViT(StagedNet):
             nn.init.zeros_(m.bias)
 
 
-
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: ShiftViT) -> dict[str, Tensor]:
     """Map a released ShiftViT checkpoint to this layout: ``layers.i.blocks.*`` -> ``stages.i.blocks.*``,
-    ``layers.i.downsample.*`` (closing level i) -> ``stages.{i+1}.downsample.*``, ``head.*`` -> ``head.fc.*``. A
-    ``{'model': ...}`` or ``{'state_dict': ...}`` wrapper is unpacked; a state dict in this layout passes as is."""
-    state_dict = state_dict.get('model', state_dict)
-    state_dict = state_dict.get('state_dict', state_dict)
-    if not any(k.startswith('layers.') for k in state_dict):
-        return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        m = re.match(r'layers\.(\d+)\.(blocks|downsample)\.(.*)', key)
-        if m:
-            level, part, rest = int(m.group(1)), m.group(2), m.group(3)
-            key = f'stages.{level}.blocks.{rest}' if part == 'blocks' else f'stages.{level + 1}.downsample.{rest}'
-        elif key.startswith('head.'):
-            key = 'head.fc.' + key[len('head.'):]
-        out[key] = value
-    return out
+    ``layers.i.downsample.*`` (closing level i) -> ``stages.{i+1}.downsample.*``, ``head.*`` -> ``head.fc.*``
+    (`rename_level_keys`, as NAT's). A ``{'model': ...}`` or ``{'state_dict': ...}`` wrapper is unpacked; a state
+    dict in this layout passes as is."""
+    return rename_level_keys(state_dict, 'layers')
 
 
 _MODELS: dict[str, dict[str, Any]] = {
@@ -282,11 +258,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ShiftViT:
-    args = dict(_MODELS[variant], **kwargs)
-    out_indices = args.pop('out_indices', (0, 1, 2, 3))
-    return build_checked(ShiftViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                         feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **args)
+    return build_staged(ShiftViT, variant, pretrained, _MODELS[variant], checkpoint_filter_fn, **kwargs)
 
 
-for _name in _MODELS:
-    make_entrypoint(_name, __name__, _create, f'{_name} ({paper_id(_ARXIV)}); see the docstring of {__name__}.')
+make_entrypoints(__name__, _create, dict.fromkeys(_MODELS, _ARXIV))

@@ -45,13 +45,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, to_2tuple
+from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple
 from timm.models import generate_default_cfgs
 from torch import Tensor
 
 from ..layers.smlp import SparseMlp
-from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import Stage, StagedNet
+from ._builder import build_staged, default_cfg, make_entrypoints
+from ._staged import Stage, StagedNet, drop_path_rates
 
 __all__ = ['SMLPNet', 'SMLPBlock', 'SMLPStage', 'checkpoint_filter_fn']
 
@@ -156,29 +156,20 @@ class SMLPNet(StagedNet):
         self.img_size = to_2tuple(img_size)
         grids = [(max(1, self.img_size[0] // (patch_size * 2 ** i)), max(1, self.img_size[1] // (patch_size * 2 ** i)))
                  for i in range(num_stages)]
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.output_fmt = 'NCHW'
         dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
-        self.num_features = self.head_hidden_size = dims[-1]
         self.patch_embed = PatchEmbed(
             img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, bias=False, flatten=False,
             output_fmt='NCHW', strict_img_size=False, **dd)
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # the released linear rule
+        dpr = drop_path_rates(drop_path_rate, depths)  # the released linear rule
         stages, self.feature_info = [], []
         for i in range(num_stages):
-            first = sum(depths[:i])
             stages.append(SMLPStage(
-                dims[i], depths[i], grids[i], dpr[first:first + depths[i]], downsample=i > 0, mlp_ratio=mlp_ratio,
+                dims[i], depths[i], grids[i], dpr[i], downsample=i > 0, mlp_ratio=mlp_ratio,
                 proj_drop=proj_drop_rate, **dd))
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.BatchNorm2d(self.num_features, **dd)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt, **dd)
-
+        self._init_head(nn.BatchNorm2d(dims[-1], **dd), dims[-1], in_chans, num_classes, global_pool, drop_rate,
+                        **dd)
 
 
 _BLOCK_KEYS = {  # the released per-block module paths -> ours
@@ -244,11 +235,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SMLPNet:
-    args = dict(_MODELS[variant], **kwargs)
-    out_indices = args.pop('out_indices', (0, 1, 2, 3))
-    return build_checked(SMLPNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                         feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **args)
+    return build_staged(SMLPNet, variant, pretrained, _MODELS[variant], checkpoint_filter_fn, **kwargs)
 
 
-for _name in _MODELS:
-    make_entrypoint(_name, __name__, _create, f'{_name} ({paper_id(_ARXIV)}); see the docstring of {__name__}.')
+make_entrypoints(__name__, _create, dict.fromkeys(_MODELS, _ARXIV))

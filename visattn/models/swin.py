@@ -77,14 +77,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, resize_rel_pos_bias_table, to_2tuple
+from timm.layers import DropPath, Mlp, PatchEmbed, resize_rel_pos_bias_table, to_2tuple
 from timm.models import generate_default_cfgs
 from torch import Tensor
 
 from .._utils import check_int
 from ..layers.window import WindowAttn, WindowAttnV2
-from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import Stage, StagedNet
+from ._builder import build_staged, default_cfg, make_entrypoints
+from ._staged import Stage, StagedNet, drop_path_rates
 
 __all__ = ['PatchMerging', 'Swin', 'SwinBlock', 'SwinStage', 'checkpoint_filter_fn']
 
@@ -273,31 +273,22 @@ class Swin(StagedNet):
                 raise ValueError(f'{name} must give one value per stage ({num_stages}), got {list(value)}')
         check_int('embed_dim', embed_dim)
         check_int('patch_size', patch_size)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
         self.img_size = to_2tuple(img_size)
-        self.output_fmt = 'NHWC'
         self.version = version
         dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
-        self.num_features = self.head_hidden_size = dims[-1]
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm,
                                       output_fmt='NHWC', strict_img_size=False, dynamic_img_pad=True, **dd)
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # the released linspace(0, rate, blocks)
+        dpr = drop_path_rates(drop_path_rate, depths)  # the released linspace(0, rate, blocks)
         stages, self.feature_info = [], []
         for i in range(num_stages):
-            first = sum(depths[:i])
             stages.append(SwinStage(
-                dims[i], depths[i], num_heads[i], dpr[first:first + depths[i]], downsample=i > 0,
+                dims[i], depths[i], num_heads[i], dpr[i], downsample=i > 0,
                 window_size=window_size, version=version, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, pretrained_window_size=pretrained_window_sizes[i],
                 pad_mode=pad_mode, **dd))
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(self.num_features, **dd)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt=self.output_fmt, **dd)
+        self._init_head(nn.LayerNorm(dims[-1], **dd), dims[-1], in_chans, num_classes, global_pool, drop_rate, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -380,11 +371,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> Swin:
-    args = dict(_MODELS[variant][0], **kwargs)
-    out_indices = args.pop('out_indices', (0, 1, 2, 3))
-    return build_checked(Swin, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                         feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **args)
+    return build_staged(Swin, variant, pretrained, _MODELS[variant][0], checkpoint_filter_fn, **kwargs)
 
 
-for _name, (_args, _arxiv) in _MODELS.items():
-    make_entrypoint(_name, __name__, _create, f'{_name} ({paper_id(_arxiv)}); see the docstring of {__name__}.')
+make_entrypoints(__name__, _create, {name: arxiv for name, (_, arxiv) in _MODELS.items()})

@@ -75,13 +75,13 @@ from timm.layers import (
 )
 from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models._manipulate import checkpoint
 from torch import Tensor
 
 from .._utils import check_int
 from ..layers.outlook import OutlookAttn
-from ._builder import build_checked, default_cfg, make_entrypoint, paper_id
-from ._staged import FeatureIntermediates, Stage
+from ._builder import build_staged, default_cfg, make_entrypoints
+from ._staged import Stage, StagedNet, drop_path_rates
 
 __all__ = ['VOLO', 'OutlookAttnNHWC', 'Outlooker', 'TransformerBlock', 'ClassBlock', 'checkpoint_filter_fn']
 
@@ -282,9 +282,7 @@ class VOLOStage(Stage):
         x = self.downsample(x)
         if self.pos_embed is not None:
             x = self.pos_drop(add_pos_embed(x, self.pos_embed))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        return self._run_blocks(x)
 
 
 def _per_stage(name: str, value: Any, n: int) -> list:
@@ -294,7 +292,7 @@ def _per_stage(name: str, value: Any, n: int) -> list:
     return values
 
 
-class VOLO(FeatureIntermediates, nn.Module):
+class VOLO(StagedNet):
     """Vision Outlooker, timm's model interface.
 
     ``forward_intermediates`` / ``prune_intermediate_layers``: the taps are the four stage outputs (``feature_info``:
@@ -389,9 +387,9 @@ class VOLO(FeatureIntermediates, nn.Module):
         self.grad_checkpointing = False
         self.patch_embed = ConvStem(in_chans, stem_hidden_dim, embed_dims[0], patch_size, **dd)
 
-        total = sum(layers)
+        dpr = drop_path_rates(drop_path_rate, layers)
         stages, self.feature_info = [], []
-        reduction, first = patch_size, 0
+        reduction = patch_size
         for i in range(n):
             downsample = None
             if i > 0 and downsamples[i - 1]:
@@ -407,14 +405,13 @@ class VOLO(FeatureIntermediates, nn.Module):
                 else:  # the released rate: the layer's index over every stage's layers
                     blocks.append(TransformerBlock(
                         embed_dims[i], num_heads[i], mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias,
-                        attn_drop=attn_drop_rate, drop_path=drop_path_rate * (first + j) / max(total - 1, 1),
+                        attn_drop=attn_drop_rate, drop_path=dpr[i][j],
                         norm_layer=norm_layer, **dd))
             grid = None
             if i == 1:
                 grid = (self.img_size[0] // reduction, self.img_size[1] // reduction)
             stages.append(VOLOStage(blocks, downsample, grid, embed_dims[i], pos_drop_rate, **dd))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
-            first += layers[i]
         self.stages = nn.Sequential(*stages)
 
         if post_layers:
@@ -492,7 +489,7 @@ class VOLO(FeatureIntermediates, nn.Module):
         else:
             self.aux_head = None
 
-    def _tokens(self, x: Tensor) -> Tensor:
+    def _finish(self, x: Tensor) -> Tensor:
         """The last map [B, H, W, C] -> the normalised tokens [B, prefix + H·W, C] (class attention first)."""
         B, H, W, C = x.shape
         x = x.reshape(B, H * W, C)
@@ -504,10 +501,6 @@ class VOLO(FeatureIntermediates, nn.Module):
                 else:
                     x = blk(x)
         return self.norm(x)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """[B, C, H, W] images -> the normalised tokens [B, 1 + H/16·W/16, num_features], the class token first."""
-        return self._tokens(self.stages(self.patch_embed(x)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == 'avg':
@@ -524,50 +517,6 @@ class VOLO(FeatureIntermediates, nn.Module):
             aux = self.aux_head(self.head_drop(x[:, self.num_prefix_tokens:]))  # a class score per token
             out = out + 0.5 * aux.max(1)[0]
         return out
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """The maps after the chosen stages, and the final features.
-
-        Args:
-            x: [B, C, H, W] images.
-            indices: the last n stages if an int, these stages if a sequence, all if None.
-            norm: apply the final norm to the last stage's map.
-            stop_early: stop after the last stage taken.
-            output_fmt: ``'NCHW'``.
-            intermediates_only: return only the intermediates.
-
-        Returns:
-            The maps [B, C_i, H_i, W_i], and before them, unless ``intermediates_only``, the final features: the
-            tokens of ``forward_features`` when every stage ran, else the last map run [B, H_i, W_i, C_i].
-        """
-        if output_fmt not in self._fi_formats:
-            raise ValueError(f"output_fmt must be 'NCHW', got '{output_fmt}'")
-        last = len(self.stages) - 1
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stop = max_index if stop_early else last
-        intermediates: list[Tensor] = []
-        x = self.patch_embed(x)
-        for i, stage in enumerate(self.stages):
-            if i <= stop:
-                x = stage(x)
-                if i in take_indices:
-                    intermediates.append(self._tap(x, norm and i == last, output_fmt))
-        if intermediates_only:
-            return intermediates
-        if stop < last:
-            return x, intermediates
-        return self._tokens(x), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
@@ -643,11 +592,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VOLO:
-    args = dict(_MODELS[variant], **kwargs)
-    out_indices = args.pop('out_indices', (0, 1, 2, 3))
-    return build_checked(VOLO, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                         feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **args)
+    return build_staged(VOLO, variant, pretrained, _MODELS[variant], checkpoint_filter_fn, **kwargs)
 
 
-for _name in _MODELS:
-    make_entrypoint(_name, __name__, _create, f'{_name} ({paper_id(_ARXIV)}); see the docstring of {__name__}.')
+make_entrypoints(__name__, _create, dict.fromkeys(_MODELS, _ARXIV))
