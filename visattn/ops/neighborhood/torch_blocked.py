@@ -167,9 +167,15 @@ def _chunks(plan: _Plan, heads: int, length: int, budget: int) -> list[_Chunk]:
             for h0 in range(0, heads, gh) for c0 in range(0, plan.n, g)]
 
 
-def _scores_softmax(qt: Tensor, kt: Tensor, bias: Tensor, scale: float) -> Tensor:
-    """softmax(scale·q·kᵀ + bias) over the band: qt [G, m, Dk], kt [G, s, Dk], bias [G, m, s] -> [G, m, s]."""
-    return torch.softmax(torch.baddbmm(bias, qt, kt.transpose(1, 2), alpha=scale), dim=-1)
+def _chunk_weights(qc: Tensor, kv: Tensor, bias: Tensor, c: _Chunk, b: int, plan: _Plan,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Chunk c of image b: its query tiles qt [G, m, Dk], its key-and-value bands kvt [G, s, Dk + Dv], and the
+    attention weights softmax(scale·q·kᵀ + bias) [G, m, s] over the band."""
+    dk = qc.shape[-1]
+    qt = qc[b].index_select(0, c.q_rows).view(-1, plan.m, dk)
+    kvt = kv[b].index_select(0, c.k_rows).view(-1, plan.s, kv.shape[-1])
+    p = torch.softmax(torch.baddbmm(bias, qt, kvt[..., :dk].transpose(1, 2), alpha=scale), dim=-1)
+    return p, qt, kvt
 
 
 class _ChunkedNA(torch.autograd.Function):
@@ -179,8 +185,7 @@ class _ChunkedNA(torch.autograd.Function):
     contiguous in the compute dtype, so that every gather reads whole rows."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, table: Tensor, plan: _Plan, scale: float, budget: int,
-                dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, table: Tensor, plan: _Plan, scale: float, budget: int) -> Tensor:
         B, H, hs, ws, dk = q.shape
         dv, length, ct = v.shape[-1], hs * ws, table.dtype
         chunks = _chunks(plan, H, length, budget)
@@ -191,16 +196,14 @@ class _ChunkedNA(torch.autograd.Function):
         for c in chunks:
             bias = table[c.h0:c.h1].index_select(1, c.entry).view(-1, plan.m, plan.s)
             for b in range(B):
-                qt = qc[b].index_select(0, c.q_rows).view(-1, plan.m, dk)
-                kvt = kv[b].index_select(0, c.k_rows).view(-1, plan.s, dk + dv)
-                p = _scores_softmax(qt, kvt[..., :dk], bias, scale)
+                p, _, kvt = _chunk_weights(qc, kv, bias, c, b, plan, scale)
                 o = torch.bmm(p, kvt[..., dk:]).view(c.heads, -1, dv)
                 if c.keep is not None:
                     o = o.index_select(1, c.keep)
                 out[b, :, c.h0:c.h1].index_copy_(0, c.dst, o.transpose(0, 1).to(q.dtype))
         out = out.view(B, hs, ws, H, dv).permute(0, 3, 1, 2, 4)
         ctx.save_for_backward(qc, kv, table, out)
-        ctx.plan, ctx.scale, ctx.chunks, ctx.dtypes = plan, scale, chunks, dtypes
+        ctx.plan, ctx.scale, ctx.chunks, ctx.dtypes = plan, scale, chunks, (q.dtype, k.dtype, v.dtype)
         return out
 
     @staticmethod
@@ -220,10 +223,8 @@ class _ChunkedNA(torch.autograd.Function):
             bias = table[c.h0:c.h1].index_select(1, c.entry).view(-1, plan.m, plan.s)
             ds_sum = torch.zeros_like(bias) if dtable is not None else None
             for b in range(B):
-                qt = qc[b].index_select(0, c.q_rows).view(-1, plan.m, dk)
-                kvt = kv[b].index_select(0, c.k_rows).view(-1, plan.s, dk + dv)
+                p, qt, kvt = _chunk_weights(qc, kv, bias, c, b, plan, scale)  # p [G, m, s]
                 kt, vt = kvt[..., :dk], kvt[..., dk:]
-                p = _scores_softmax(qt, kt, bias, scale)  # [G, m, s]
                 do = grad[b].index_select(0, c.q_rows).view(-1, plan.m, dv)
                 rows = delta[b].index_select(0, c.q_rows).view(-1, plan.m, 1)
                 if c.mask is not None:  # a repeated query's copy carries no gradient
@@ -238,7 +239,7 @@ class _ChunkedNA(torch.autograd.Function):
                 dtable[c.h0:c.h1].index_add_(1, c.entry, ds_sum.view(c.heads, -1))
         tq, tk, tv = ctx.dtypes
         return (dq.view(B, H, hs, ws, dk).to(tq), dk_.view(B, H, hs, ws, dk).to(tk), dv_.view(B, H, hs, ws, dv).to(tv),
-                dtable, None, None, None, None)
+                dtable, None, None, None)
 
 
 def default_chunk() -> int:
@@ -285,7 +286,7 @@ def neighborhood_attention_2d_blocked(q: Tensor, k: Tensor, v: Tensor, kernel_si
     plan = _Plan(hs, ws, kernel_size, dilation, tile, q.device)
     table = _table(rpb, H, kernel_size, torch.promote_types(q.dtype, torch.float32), q.device)
     if chunk > 0 and q.numel() > 0:
-        return _ChunkedNA.apply(q, k, v, table, plan, scale, chunk, (q.dtype, k.dtype, v.dtype))
+        return _ChunkedNA.apply(q, k, v, table, plan, scale, chunk)
     return _all_tiles(q, k, v, table, plan, scale)
 
 
